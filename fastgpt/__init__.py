@@ -1,0 +1,1 @@
+"""fastgpt: a small, fast, readable GPT trainer."""
