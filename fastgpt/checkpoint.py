@@ -1,0 +1,132 @@
+"""Checkpoints in nanoGPT's layout, written atomically, checked against the model before loading.
+
+A checkpoint is one `torch.save`d dict with nanoGPT's keys, so either project reads the other's:
+  model          the *uncompiled* model's state dict (no `_orig_mod.` prefixes to strip)
+  optimizer      the optimizer's state dict
+  model_args     GPTConfig as a dict: the shape the weights belong to
+  iter_num       optimizer steps taken
+  best_val_loss  lowest validation loss seen
+  config         the run's TrainConfig as a plain dict
+and fastgpt's additions for an exact resume: `rng` (torch CPU/CUDA generator states),
+`data` (the batch streams' positions) and `scaler` (the fp16 GradScaler).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import torch
+
+from fastgpt.assets import atomic_writer
+
+CHECKPOINT_NAME = "ckpt.pt"
+# nanoGPT saved the compiled module's state dict, whose keys carry this prefix.
+COMPILED_PREFIX = "_orig_mod."
+# nanoGPT without flash attention registered its causal mask as a buffer named `attn.bias`.
+MASK_BUFFER_SUFFIX = ".attn.bias"
+# The fields of GPTConfig that decide the weights' shapes, compared before loading.
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or belongs to another model; one line for the user."""
+
+
+def checkpoint_path(out_dir: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(out_dir) / CHECKPOINT_NAME
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
+    with atomic_writer(path, "wb") as f:
+        torch.save(checkpoint, f)
+
+
+def set_aside_existing(path: str | os.PathLike) -> pathlib.Path | None:
+    """Rename an existing checkpoint to ckpt.<its mtime>.pt so a new run never overwrites it."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    target = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    os.replace(path, target)
+    return target
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train one first or set --out_dir to the folder holding ckpt.pt")
+    try:
+        # weights_only=False: the checkpoint holds plain dicts and numbers besides tensors, and it
+        # is the user's own file (nanoGPT's layout stores a config dict).
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CheckpointError(f"{path} is not a GPT checkpoint: expected a dict with a 'model' state dict")
+    return checkpoint
+
+
+def clean_state_dict(state_dict: dict) -> dict:
+    """Accept nanoGPT's variants: strip compiled-module prefixes and drop causal-mask buffers."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        if key.startswith(COMPILED_PREFIX):
+            key = key[len(COMPILED_PREFIX) :]
+        if key.endswith(MASK_BUFFER_SUFFIX):
+            continue
+        cleaned[key] = value
+    return cleaned
+
+
+def check_model_args(saved: dict, wanted: dict, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose shape differs from the model the config asks for."""
+    diffs = [f"{k}={saved[k]!r} (config asks {wanted[k]!r})" for k in SHAPE_FIELDS if k in saved and saved[k] != wanted[k]]
+    if diffs:
+        raise CheckpointError(
+            f"{path} was saved from another model shape: {', '.join(diffs)}; "
+            "use the checkpoint's settings or a new --out_dir"
+        )
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike) -> None:
+    """Load weights after checking every name and shape, naming the first mismatches."""
+    state_dict = clean_state_dict(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    problems = []
+    if wrong:
+        problems.append(f"shape mismatch in {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    if problems:
+        raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems)}")
+    model.load_state_dict(state_dict)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,53 @@
+"""AdamW with weight decay on matrices only, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay every parameter with 2+ dims (Linear weights, embeddings); leave biases and
+    LayerNorm gains alone, as GPT-2 and nanoGPT do. Tied weights appear once."""
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() de-duplicates ties
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def fused_adamw_available(device_type: str) -> bool:
+    """torch's fused AdamW runs on CUDA, and on CPU since torch 2.4; one kernel per step instead
+    of a dozen per parameter."""
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        return False
+    return device_type in ("cuda", "cpu", "mps")
+
+
+def make_optimizer(
+    model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+) -> torch.optim.AdamW:
+    fused = fused_adamw_available(device_type)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=fused)
+
+
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+    """Learning rate at iteration `it`: linear warmup from learning_rate/warmup_iters to
+    learning_rate over warmup_iters steps, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,72 @@
+"""Where and in what precision a run computes: device, autocast dtype, gradient scaling, seeds."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastgpt.metrics import cpu_peak_flops
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# On a CPU, autocast to bf16 only when the machine multiplies bf16 matrices clearly faster than
+# fp32 (AVX512-BF16 or AMX): without native support bf16 is emulated and runs slower, and with
+# little gain the rounding costs more than the time saves.
+CPU_BF16_MIN_SPEEDUP = 1.3
+
+
+class RuntimeConfigError(ValueError):
+    """The requested device or dtype cannot run here; one line for the user."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda, else mps, else cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise RuntimeConfigError(f"device={name!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeConfigError(f"device={name!r} but CUDA is not available here; use --device=cpu or 'auto'")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeConfigError(f"device={name!r} but MPS is not available here; use --device=cpu or 'auto'")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: 'auto' picks the fastest the device runs natively."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            faster = cpu_peak_flops(torch.bfloat16) >= CPU_BF16_MIN_SPEEDUP * cpu_peak_flops(torch.float32)
+            return torch.bfloat16 if faster else torch.float32
+        return torch.float32
+    dtype = DTYPES[name]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeConfigError(f"dtype='bfloat16' but {torch.cuda.get_device_name(device)} lacks bf16; use 'float16'")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass; a no-op context in fp32."""
+    if dtype is torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (disabled scaler)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 for fp32 matmuls on Ampere and later: 8x the tensor-core rate, fp32 range."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,224 @@
+"""Train a GPT on one process (CPU, CUDA or MPS).
+
+    python -m fastgpt.train                                   # configs/shakespeare_char.py
+    python -m fastgpt.train configs/shakespeare_char.py --max_iters=500 --device=cpu
+    python -m fastgpt.train configs/shakespeare_char.py --init_from=resume
+    python -m fastgpt.train --help                            # every field, its default and why
+
+A config file holds plain assignments of TrainConfig fields (nanoGPT's names); `--key=value`
+overrides it. Checkpoints land in out_dir/ckpt.pt at each evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+import time
+
+import torch
+
+from fastgpt import checkpoint as ckpt_io
+from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
+from fastgpt.data import BatchStream, DataError, open_tokens
+from fastgpt.metrics import describe_peak, host_summary, peak_flops
+from fastgpt.model import GPT, GPTConfig, padded_vocab_size
+from fastgpt.optim import get_lr, make_optimizer, set_lr
+from fastgpt.prepare import ensure_dataset
+from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
+from fastgpt.tokenizer import dataset_vocab_size
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.py"
+USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--key=value ...]"
+# Errors a user can fix from the message alone: printed as one line, exit status 2.
+USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, FileNotFoundError)
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{USAGE}\n\nWith no CONFIG, runs {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)}.")
+        print(f"Fields (--key=value; a config file assigns the same names):\n{help_text()}")
+        raise SystemExit(0)
+    paths = [a for a in argv if not a.startswith("--")]
+    if len(paths) > 1:
+        raise ConfigError(f"expected at most one config file, got {paths}; {USAGE}")
+    overrides = [a for a in argv if a.startswith("--")]
+    return (paths[0] if paths else str(DEFAULT_CONFIG)), overrides
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, streams: dict[str, BatchStream], eval_iters: int, ctx) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split, in eval mode (no dropout)."""
+    model.eval()
+    out = {}
+    for split, stream in streams.items():
+        losses = torch.zeros(eval_iters)
+        for i in range(eval_iters):
+            x, y = stream.next()
+            with ctx:
+                _, loss = model(x, y)
+            losses[i] = loss.item()  # CPU-GPU sync, once per eval batch
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the training loop. Returns the final iteration, the last evaluation's losses, the best
+    val loss, the logged history and the (uncompiled) model."""
+    # ---------------------------------------------------------------- runtime
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    configure_backends(device)
+    torch.manual_seed(cfg.seed)
+    ctx = autocast(device, dtype)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print(f"host: {host_summary()}")
+    print(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, tokens per iteration {tokens_per_iter:,}")
+
+    # ---------------------------------------------------------------- data
+    data_dir = pathlib.Path(cfg.data_root) / cfg.dataset
+    ensure_dataset(cfg.dataset, data_dir)
+    vocab_size = cfg.vocab_size or dataset_vocab_size(data_dir)
+    splits = {s: open_tokens(data_dir / f"{s}.bin", vocab_size, cfg.block_size) for s in ("train", "val")}
+
+    def stream(split: str, key: str) -> BatchStream:
+        return BatchStream(splits[split], cfg.batch_size, cfg.block_size, device, cfg.seed, key)
+
+    train_batches = stream("train", "train")
+    eval_batches = {"train": stream("train", "train_eval"), "val": stream("val", "val_eval")}
+
+    # ---------------------------------------------------------------- model
+    model_args = GPTConfig(
+        block_size=cfg.block_size,
+        vocab_size=padded_vocab_size(vocab_size, cfg.vocab_multiple),
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        dropout=cfg.dropout,
+        bias=cfg.bias,
+    )
+    ckpt_path = ckpt_io.checkpoint_path(cfg.out_dir)
+    checkpoint = None
+    if cfg.init_from == "resume":
+        checkpoint = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
+        ckpt_io.check_model_args(checkpoint.get("model_args", {}), model_args.to_dict(), ckpt_path)
+    model = GPT(model_args)
+    if checkpoint is not None:
+        ckpt_io.load_model_state(model, checkpoint["model"], ckpt_path)
+    model.to(device)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}")
+
+    # ---------------------------------------------------------------- optimizer
+    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    scaler = grad_scaler(device, dtype)
+    iter_num, best_val_loss = 0, math.inf
+    if checkpoint is not None:
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ckpt_io.CheckpointError(f"{ckpt_path}: its optimizer state does not fit this model: {e}") from e
+        scaler.load_state_dict(checkpoint.get("scaler", {}))
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        if "data" in checkpoint:
+            train_batches.load_state_dict(checkpoint["data"]["train"])
+            for split, s in eval_batches.items():
+                s.load_state_dict(checkpoint["data"][f"{split}_eval"])
+        if "rng" in checkpoint:
+            ckpt_io.set_rng_state(checkpoint["rng"])
+        print(f"resumed from {ckpt_path} at iteration {iter_num}")
+        checkpoint = None  # free the CPU copy of the weights
+    elif cfg.eval_only is False:
+        moved = ckpt_io.set_aside_existing(ckpt_path)
+        if moved:
+            print(f"kept the previous run's checkpoint as {moved}")
+
+    # ---------------------------------------------------------------- compile
+    raw_model = model  # checkpoints hold the uncompiled module's state dict
+    if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
+        print("compiling the model (the first step takes longer)")
+        model = torch.compile(model)
+    peak = peak_flops(device, dtype)
+    print(describe_peak(device, dtype, peak))
+    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
+
+    def save(losses: dict[str, float]) -> None:
+        ckpt_io.save_checkpoint(
+            ckpt_path,
+            {
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "model_args": model_args.to_dict(),
+                "iter_num": iter_num,
+                "best_val_loss": best_val_loss,
+                "config": cfg.to_dict(),
+                "scaler": scaler.state_dict(),
+                "data": {"train": train_batches.state_dict(), **{f"{k}_eval": s.state_dict() for k, s in eval_batches.items()}},
+                "rng": ckpt_io.rng_state(),
+            },
+        )
+        print(f"saved checkpoint to {ckpt_path}")
+
+    # ---------------------------------------------------------------- the loop
+    start_iter, losses = iter_num, {}
+    history = {"train": [], "eval": []}  # (iter, loss) at log points; (iter, train, val) at evaluations
+    t_last, iters_since_log = time.perf_counter(), 0
+    while True:
+        evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+        if evaluate and not (iter_num == start_iter and start_iter > 0):  # a resumed step was evaluated before saving
+            losses = estimate_loss(model, eval_batches, cfg.eval_iters, ctx)
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            history["eval"].append((iter_num, losses["train"], losses["val"]))
+            if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > 0:
+                    save(losses)
+            t_last, iters_since_log = time.perf_counter(), 0  # keep evaluation out of the timings
+        if iter_num >= cfg.max_iters or cfg.eval_only:
+            break
+
+        lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) if cfg.decay_lr else cfg.learning_rate
+        set_lr(optimizer, lr)
+        for _ in range(cfg.gradient_accumulation_steps):
+            x, y = train_batches.next()
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / cfg.gradient_accumulation_steps  # the mean over all micro-batches
+            scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        iters_since_log += 1
+
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            last_loss = loss.item() * cfg.gradient_accumulation_steps  # CPU-GPU sync: waits for the step
+            history["train"].append((iter_num, last_loss))
+            dt = time.perf_counter() - t_last
+            per_iter = dt / iters_since_log
+            mfu = f", mfu {flops_per_iter / per_iter / peak:.1%}" if peak else ""
+            print(
+                f"iter {iter_num}: loss {last_loss:.4f}, lr {lr:.2e}, {per_iter * 1000:.1f} ms/iter, "
+                f"{tokens_per_iter / per_iter:,.0f} tok/s{mfu}"
+            )
+            t_last, iters_since_log = time.perf_counter(), 0
+    return {"iter_num": iter_num, "losses": losses, "best_val_loss": best_val_loss, "history": history, "model": raw_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config_path, overrides = parse_args(argv)
+        cfg = load_config(config_path, overrides)
+        train(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Checkpoint files: atomic writes, nanoGPT's layout, refusal of mismatched or corrupt files."""
+
+import pytest
+import torch
+
+from fastgpt import checkpoint as ckpt_io
+from fastgpt.checkpoint import CheckpointError
+from fastgpt.model import GPT, GPTConfig
+from fastgpt.optim import param_groups
+from fastgpt.sample import build_parser, sample
+from fastgpt.train import train
+
+from conftest import tiny_config
+
+
+def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    ckpt_io.save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
+    monkeypatch.undo()
+    assert torch.equal(ckpt_io.load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*ckpt.pt"):
+        ckpt_io.load_checkpoint(path)
+
+
+def nanogpt_checkpoint(model: GPT, config: dict) -> dict:
+    """What nanoGPT's train.py saves: the compiled module's keys, its config globals."""
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    return {
+        "model": state,
+        # nanoGPT's groups: matrices and embeddings decayed, then the rest.
+        "optimizer": torch.optim.AdamW(param_groups(model, 0.1)).state_dict(),
+        "model_args": model.config.to_dict(),
+        "iter_num": 0,
+        "best_val_loss": 9.9,
+        "config": config,
+    }
+
+
+def test_nanogpt_checkpoint_samples_and_resumes(tmp_path, tiny_data):
+    data_root, name = tiny_data
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=False))
+    out = tmp_path / "out"
+    out.mkdir()
+    # nanoGPT's config dict has no data_root: its data live in data/<dataset>.
+    torch.save(nanogpt_checkpoint(model, {"dataset": name, "n_layer": 2}), out / "ckpt.pt")
+
+    args = build_parser().parse_args(["--out_dir", str(out), "--data_dir", str(data_root / name),
+                                      "--start", "abc", "--num_samples", "1", "--max_new_tokens", "5", "--device", "cpu"])
+    (text,) = sample(args)
+    assert text.startswith("abc") and len(text) >= 8
+
+    result = train(tiny_config(tmp_path, data_root, max_iters=4, eval_interval=2, init_from="resume"))
+    assert result["iter_num"] == 4
+
+
+def test_load_model_state_names_shape_mismatch():
+    small = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    wide = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=48))
+    with pytest.raises(CheckpointError, match=r"shape mismatch in transformer.wte.weight \(64, 48\) vs model \(64, 32\)"):
+        ckpt_io.load_model_state(small, wide.state_dict(), "x.pt")
+    deep = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    with pytest.raises(CheckpointError, match=r"unexpected transformer.h.1"):
+        ckpt_io.load_model_state(small, deep.state_dict(), "x.pt")
+
+
+def test_mask_buffers_of_old_nanogpt_are_ignored():
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    state = dict(model.state_dict())
+    state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
+    ckpt_io.load_model_state(model, state, "x.pt")
