@@ -119,6 +119,49 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.Pa
     model.load_state_dict(state_dict)
 
 
+def training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    model_args: dict,
+    config: dict,
+    iter_num: int,
+    best_val_loss: float,
+    streams: dict,
+) -> dict:
+    """Everything a resume needs, in nanoGPT's layout plus fastgpt's keys. `model` must be the
+    uncompiled module; `streams` maps names to batch streams with a state_dict()."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "model_args": model_args,
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "config": config,
+        "scaler": scaler.state_dict(),
+        "data": {name: s.state_dict() for name, s in streams.items()},
+        "rng": rng_state(),
+    }
+
+
+def restore_training_state(
+    checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, streams: dict, path
+) -> tuple[int, float]:
+    """Load the optimizer, scaler, data positions and RNG from a checkpoint (nanoGPT's lacks the
+    last three: its streams restart) and return (iter_num, best_val_loss)."""
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this model: {e}") from e
+    scaler.load_state_dict(checkpoint.get("scaler", {}))
+    for name, state in checkpoint.get("data", {}).items():
+        if name in streams:
+            streams[name].load_state_dict(state)
+    if "rng" in checkpoint:
+        set_rng_state(checkpoint["rng"])
+    return checkpoint["iter_num"], checkpoint["best_val_loss"]
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

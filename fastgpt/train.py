@@ -27,8 +27,12 @@ from fastgpt.optim import get_lr, make_optimizer, set_lr
 from fastgpt.prepare import ensure_dataset
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
 from fastgpt.tokenizer import dataset_vocab_size
+from fastgpt.tracking import Tracker
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.py"
+# The default recipe ships in the repository's configs/; from an installed copy without it, the
+# same relative path is looked up in the working directory.
+DEFAULT_CONFIG_NAME = pathlib.Path("configs") / "shakespeare_char.py"
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
 USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--key=value ...]"
 # Errors a user can fix from the message alone: printed as one line, exit status 2.
 USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, FileNotFoundError)
@@ -36,14 +40,17 @@ USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigErr
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\nWith no CONFIG, runs {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)}.")
-        print(f"Fields (--key=value; a config file assigns the same names):\n{help_text()}")
+        print(f"{USAGE}\n\nWith no CONFIG, runs {DEFAULT_CONFIG_NAME}.")
+        print("Fields (--key=value; a config file assigns the same names). The defaults shown are nanoGPT's")
+        print(f"GPT-2 124M recipe; a config file, including the default one, overrides them:\n{help_text()}")
         raise SystemExit(0)
     paths = [a for a in argv if not a.startswith("--")]
     if len(paths) > 1:
         raise ConfigError(f"expected at most one config file, got {paths}; {USAGE}")
     overrides = [a for a in argv if a.startswith("--")]
-    return (paths[0] if paths else str(DEFAULT_CONFIG)), overrides
+    if paths:
+        return paths[0], overrides
+    return str(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else DEFAULT_CONFIG_NAME), overrides
 
 
 @torch.no_grad()
@@ -72,8 +79,10 @@ def train(cfg: TrainConfig) -> dict:
     configure_backends(device)
     torch.manual_seed(cfg.seed)
     ctx = autocast(device, dtype)
+    tracker = Tracker(cfg.wandb_log, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"host: {host_summary()}")
+    print(f"config: {cfg.to_dict()}")
     print(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, tokens per iteration {tokens_per_iter:,}")
 
     # ---------------------------------------------------------------- data
@@ -86,7 +95,9 @@ def train(cfg: TrainConfig) -> dict:
         return BatchStream(splits[split], cfg.batch_size, cfg.block_size, device, cfg.seed, key)
 
     train_batches = stream("train", "train")
+    # Separate streams for evaluation, so estimate_loss never moves the training stream.
     eval_batches = {"train": stream("train", "train_eval"), "val": stream("val", "val_eval")}
+    streams = {"train": train_batches, "train_eval": eval_batches["train"], "val_eval": eval_batches["val"]}
 
     # ---------------------------------------------------------------- model
     model_args = GPTConfig(
@@ -114,21 +125,10 @@ def train(cfg: TrainConfig) -> dict:
     scaler = grad_scaler(device, dtype)
     iter_num, best_val_loss = 0, math.inf
     if checkpoint is not None:
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise ckpt_io.CheckpointError(f"{ckpt_path}: its optimizer state does not fit this model: {e}") from e
-        scaler.load_state_dict(checkpoint.get("scaler", {}))
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        if "data" in checkpoint:
-            train_batches.load_state_dict(checkpoint["data"]["train"])
-            for split, s in eval_batches.items():
-                s.load_state_dict(checkpoint["data"][f"{split}_eval"])
-        if "rng" in checkpoint:
-            ckpt_io.set_rng_state(checkpoint["rng"])
+        iter_num, best_val_loss = ckpt_io.restore_training_state(checkpoint, optimizer, scaler, streams, ckpt_path)
         print(f"resumed from {ckpt_path} at iteration {iter_num}")
         checkpoint = None  # free the CPU copy of the weights
-    elif cfg.eval_only is False:
+    elif not cfg.eval_only:
         moved = ckpt_io.set_aside_existing(ckpt_path)
         if moved:
             print(f"kept the previous run's checkpoint as {moved}")
@@ -142,38 +142,31 @@ def train(cfg: TrainConfig) -> dict:
     print(describe_peak(device, dtype, peak))
     flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
 
-    def save(losses: dict[str, float]) -> None:
-        ckpt_io.save_checkpoint(
-            ckpt_path,
-            {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "model_args": model_args.to_dict(),
-                "iter_num": iter_num,
-                "best_val_loss": best_val_loss,
-                "config": cfg.to_dict(),
-                "scaler": scaler.state_dict(),
-                "data": {"train": train_batches.state_dict(), **{f"{k}_eval": s.state_dict() for k, s in eval_batches.items()}},
-                "rng": ckpt_io.rng_state(),
-            },
-        )
+    def save() -> None:
+        state = ckpt_io.training_state(raw_model, optimizer, scaler, model_args.to_dict(), cfg.to_dict(),
+                                       iter_num, best_val_loss, streams)
+        ckpt_io.save_checkpoint(ckpt_path, state)
         print(f"saved checkpoint to {ckpt_path}")
 
     # ---------------------------------------------------------------- the loop
-    start_iter, losses = iter_num, {}
+    start_iter, losses, lr, mfu = iter_num, {}, cfg.learning_rate, None
     history = {"train": [], "eval": []}  # (iter, loss) at log points; (iter, train, val) at evaluations
     t_last, iters_since_log = time.perf_counter(), 0
+    t_start, eval_seconds = t_last, 0.0
     while True:
         evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
         if evaluate and not (iter_num == start_iter and start_iter > 0):  # a resumed step was evaluated before saving
+            t_eval = time.perf_counter()
             losses = estimate_loss(model, eval_batches, cfg.eval_iters, ctx)
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             history["eval"].append((iter_num, losses["train"], losses["val"]))
+            tracker.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr, "mfu": mfu}, iter_num)
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0:
-                    save(losses)
+                    save()
             t_last, iters_since_log = time.perf_counter(), 0  # keep evaluation out of the timings
+            eval_seconds += t_last - t_eval
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
 
@@ -199,12 +192,16 @@ def train(cfg: TrainConfig) -> dict:
             history["train"].append((iter_num, last_loss))
             dt = time.perf_counter() - t_last
             per_iter = dt / iters_since_log
-            mfu = f", mfu {flops_per_iter / per_iter / peak:.1%}" if peak else ""
+            mfu = flops_per_iter / per_iter / peak if peak else None
             print(
                 f"iter {iter_num}: loss {last_loss:.4f}, lr {lr:.2e}, {per_iter * 1000:.1f} ms/iter, "
-                f"{tokens_per_iter / per_iter:,.0f} tok/s{mfu}"
+                f"{tokens_per_iter / per_iter:,.0f} tok/s" + (f", mfu {mfu:.1%}" if mfu is not None else "")
             )
             t_last, iters_since_log = time.perf_counter(), 0
+    tracker.close()  # on an exception, wandb's own exit hook closes the run and marks it failed
+    total = time.perf_counter() - t_start
+    print(f"done: {iter_num - start_iter} iterations in {total:.1f} s ({total - eval_seconds:.1f} s training, "
+          f"{eval_seconds:.1f} s evaluating and saving); best val loss {best_val_loss:.4f}")
     return {"iter_num": iter_num, "losses": losses, "best_val_loss": best_val_loss, "history": history, "model": raw_model}
 
 

@@ -148,3 +148,13 @@ def test_compile_accepts_bools_and_auto_only():
     assert TrainConfig(compile=False).compile is False and TrainConfig().compile == "auto"
     with pytest.raises(ConfigError, match=r"compile='yes' is not allowed; choose True, False or 'auto'"):
         load_config(None, ["--compile=yes"])
+
+
+def test_wandb_without_the_package_is_a_clear_error(capsys, tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here; the error path needs it absent")
+    except ImportError:
+        pass
+    assert main(["--wandb_log=True", f"--data_root={tmp_path}", "--device=cpu"]) == 2
+    assert "wandb_log=True needs the wandb package" in capsys.readouterr().err

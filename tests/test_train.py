@@ -27,26 +27,24 @@ def test_short_run_learns(tmp_path, tiny_data):
     assert (tmp_path / "out" / "ckpt.pt").exists()
 
 
+def first_moments(out_dir):
+    """AdamW's exp_avg after one step is (1 - beta1) * gradient: the gradient itself, at its scale
+    (the parameter update would not do: Adam's update is invariant to the gradient's scale)."""
+    state = ckpt_io.load_checkpoint(out_dir / "ckpt.pt")["optimizer"]["state"]
+    return [state[i]["exp_avg"] for i in sorted(state)]
+
+
 def test_accumulation_equals_one_big_batch(tmp_path, tiny_data):
-    """k micro-batches of B with the loss scaled by 1/k take the same steps as one batch of kB:
+    """k micro-batches of B with the loss scaled by 1/k give the gradient of one batch of kB:
     the data stream hands out the same sequences either way."""
     data_root, _ = tiny_data
-    common = dict(max_iters=3, eval_interval=100, grad_clip=0.0, dropout=0.0)
-    big = train(tiny_config(tmp_path / "a", data_root, batch_size=8, gradient_accumulation_steps=1, **common))
-    acc = train(tiny_config(tmp_path / "b", data_root, batch_size=2, gradient_accumulation_steps=4, **common))
-    for k, v in params(big["model"]).items():
-        torch.testing.assert_close(params(acc["model"])[k], v, rtol=1e-5, atol=1e-6, msg=k)
-
-
-def test_accumulation_scales_the_loss(tmp_path, tiny_data):
-    """The same check with clipping on: the clip sees the global gradient norm only if each
-    micro-batch's loss was divided by k."""
-    data_root, _ = tiny_data
-    common = dict(max_iters=2, eval_interval=100, grad_clip=0.05)
-    big = train(tiny_config(tmp_path / "a", data_root, batch_size=6, gradient_accumulation_steps=1, **common))
-    acc = train(tiny_config(tmp_path / "b", data_root, batch_size=2, gradient_accumulation_steps=3, **common))
-    for k, v in params(big["model"]).items():
-        torch.testing.assert_close(params(acc["model"])[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    common = dict(max_iters=1, eval_interval=1, grad_clip=0.0)
+    train(tiny_config(tmp_path / "a", data_root, batch_size=8, gradient_accumulation_steps=1, **common))
+    train(tiny_config(tmp_path / "b", data_root, batch_size=2, gradient_accumulation_steps=4, **common))
+    big, acc = first_moments(tmp_path / "a" / "out"), first_moments(tmp_path / "b" / "out")
+    assert len(big) == len(acc) > 0
+    for g_big, g_acc in zip(big, acc):
+        torch.testing.assert_close(g_acc, g_big, rtol=1e-5, atol=1e-9)
 
 
 def test_resume_continues_exactly(tmp_path, tiny_data):
