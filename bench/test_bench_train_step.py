@@ -27,7 +27,7 @@ from fastgpt.runtime import autocast, resolve_device, resolve_dtype
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.py"
 # The shakespeare_char vocabulary (84 characters) padded to a multiple of 64.
 VOCAB = 128
-ROUNDS, WARMUP_ROUNDS = 10, 3
+ROUNDS, WARMUP_ROUNDS = 30, 5
 
 
 def build(provider: str):
