@@ -17,6 +17,7 @@ import os
 import pathlib
 import time
 
+import numpy as np
 import torch
 
 from fastgpt.assets import atomic_writer
@@ -128,9 +129,11 @@ def training_state(
     iter_num: int,
     best_val_loss: float,
     streams: dict,
+    rng: list[dict],
 ) -> dict:
     """Everything a resume needs, in nanoGPT's layout plus fastgpt's keys. `model` must be the
-    uncompiled module; `streams` maps names to batch streams with a state_dict()."""
+    uncompiled module; `streams` maps names to batch streams with a state_dict(); `rng` holds
+    each rank's rng_state(), in rank order."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -140,15 +143,17 @@ def training_state(
         "config": config,
         "scaler": scaler.state_dict(),
         "data": {name: s.state_dict() for name, s in streams.items()},
-        "rng": rng_state(),
+        "rng": rng,
     }
 
 
 def restore_training_state(
-    checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, streams: dict, path
+    checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, streams: dict, path, dist_info
 ) -> tuple[int, float]:
-    """Load the optimizer, scaler, data positions and RNG from a checkpoint (nanoGPT's lacks the
-    last three: its streams restart) and return (iter_num, best_val_loss)."""
+    """Load the optimizer, scaler, data positions and this rank's RNG from a checkpoint and
+    return (iter_num, best_val_loss). nanoGPT's checkpoints lack the last three: the streams
+    restart. The data positions are global, so any world size that divides the batch resumes;
+    the RNG (dropout masks) continues exactly only on the world size that saved it."""
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
@@ -157,8 +162,14 @@ def restore_training_state(
     for name, state in checkpoint.get("data", {}).items():
         if name in streams:
             streams[name].load_state_dict(state)
-    if "rng" in checkpoint:
-        set_rng_state(checkpoint["rng"])
+    rng = checkpoint.get("rng")
+    if isinstance(rng, dict):  # saved by a single process
+        rng = [rng]
+    if rng and len(rng) == dist_info.world_size:
+        set_rng_state(rng[dist_info.rank])
+    else:  # another world size: a fresh, still rank-distinct and reproducible dropout stream
+        key = [checkpoint.get("config", {}).get("seed", 0), dist_info.rank, checkpoint["iter_num"]]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
     return checkpoint["iter_num"], checkpoint["best_val_loss"]
 
 

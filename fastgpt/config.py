@@ -77,6 +77,9 @@ class TrainConfig:
     min_lr: float = field(default=6e-5, metadata=_doc("floor of the schedule (~learning_rate/10, per Chinchilla)"))
     # --- system
     backend: str = field(default="nccl", metadata=_doc("DDP backend on CUDA (gloo is used on CPU)", ("nccl", "gloo")))
+    ddp_timeout: int = field(
+        default=600, metadata=_doc("seconds a DDP collective may wait before the job fails, so a lost rank never hangs the rest")
+    )
     device: str = field(default="auto", metadata=_doc("'auto' (cuda > mps > cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'"))
     dtype: str = field(
         default="auto",
@@ -105,7 +108,7 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple")
+                    "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple", "ddp_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")

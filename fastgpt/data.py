@@ -6,13 +6,16 @@ the process's private memory. Validation happens once, at open, before any train
 missing, empty, truncated or out-of-vocabulary file is a one-line error.
 
 Sequence n of a stream starts at a position hashed from (seed, split, n), so the stream's whole
-state is the integer n: reproducible, independent of how sequences are grouped into batches, and
-resumable from a checkpoint exactly.
+state is the integer n: reproducible, independent of how sequences are grouped into batches or
+ranks, and resumable from a checkpoint exactly. A Prefetcher moves the batches to the device on
+a background thread, so the training loop never waits for them.
 """
 
 from __future__ import annotations
 
 import pathlib
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -46,15 +49,21 @@ def open_tokens(path: str | pathlib.Path, vocab_size: int, block_size: int) -> n
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
     if len(tokens) < block_size + 1:
         raise DataError(f"data file {path} holds {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
-    for start in range(0, len(tokens), SCAN_CHUNK_TOKENS):
-        chunk = tokens[start : start + SCAN_CHUNK_TOKENS]
-        top = int(chunk.max())
-        if top >= vocab_size:
-            where = start + int(np.argmax(chunk >= vocab_size))
-            raise DataError(
-                f"data file {path} holds token id {top} (first bad id at position {where}) but the model's "
-                f"vocabulary has {vocab_size} ids (0..{vocab_size - 1}); was it prepared with another tokenizer?"
-            )
+    # Scan with read() into one reused buffer, not through the memmap: pages read through a
+    # mapping stay mapped, and a many-GB file would then show as many GB of this process's RSS.
+    buffer = np.empty(min(SCAN_CHUNK_TOKENS, len(tokens)), dtype=TOKEN_DTYPE)
+    with open(path, "rb", buffering=0) as f:
+        start = 0
+        while n := f.readinto(memoryview(buffer).cast("B")) // itemsize:
+            chunk = buffer[:n]
+            top = int(chunk.max())
+            if top >= vocab_size:
+                where = start + int(np.argmax(chunk >= vocab_size))
+                raise DataError(
+                    f"data file {path} holds token id {top} (first bad id at position {where}) but the model's "
+                    f"vocabulary has {vocab_size} ids (0..{vocab_size - 1}); was it prepared with another tokenizer?"
+                )
+            start += n
     return tokens
 
 
@@ -67,28 +76,35 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 
 class BatchStream:
-    """Random (x, y) windows of a token file; y is x shifted by one token.
+    """Random (x, y) windows of a token file on the CPU; y is x shifted by one token.
 
     Sequence n of the stream starts at a position hashed from (seed, split, n): a counter-based
-    generator, so the stream's state is the count of sequences drawn, batch size does not change
-    which windows come in which order (4 micro-batches of 8 draw exactly the windows of one
-    batch of 32), and any position can be resumed without replaying the ones before it."""
+    generator, so a position is just a count, and batch size does not change which windows come
+    in which order (4 micro-batches of 8 draw exactly the windows of one batch of 32).
+
+    Under DDP the ranks interleave: micro-batch i of rank r holds sequences
+    (i * world_size + r) * B ... + B - 1. The ranks draw different windows, and together, in each
+    optimizer step, exactly the windows one process would draw with their combined batch; the
+    position is the global count of sequences, the same on every rank, so a checkpoint resumes
+    on any world size that divides the batch."""
 
     def __init__(
         self,
         tokens: np.ndarray,
         batch_size: int,
         block_size: int,
-        device: torch.device,
         seed: int,
         split: str,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.tokens = tokens
         self.batch_size = batch_size
         self.block_size = block_size
-        self.device = torch.device(device)
+        self.rank = rank
+        self.world_size = world_size
         self.key = mix64(np.array([seed * len(SPLIT_IDS) + SPLIT_IDS[split]], dtype=np.uint64))[0]
-        self.n = 0  # sequences drawn so far
+        self.i = 0  # micro-batches drawn by this rank
         self._offsets = np.arange(block_size + 1)
 
     def starts(self, first: int, count: int) -> np.ndarray:
@@ -100,23 +116,149 @@ class BatchStream:
         # Multiply-shift maps a 53-bit uniform to [0, n_starts) with bias below 2^-30 for any file.
         return ((h >> np.uint64(11)).astype(np.float64) * (n_starts / 2.0**53)).astype(np.int64)
 
-    def read(self, first: int, count: int) -> torch.Tensor:
-        """Sequences first .. first + count - 1 as one (count, T + 1) int64 CPU tensor."""
-        windows = self.tokens[self.starts(first, count)[:, None] + self._offsets]  # reads only those pages
-        return torch.from_numpy(windows.astype(np.int64))
+    def batch(self, i: int) -> np.ndarray:
+        """This rank's micro-batch i as a (B, T + 1) uint16 array."""
+        first = (i * self.world_size + self.rank) * self.batch_size
+        return self.tokens[self.starts(first, self.batch_size)[:, None] + self._offsets]  # reads only those pages
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        xy = self.read(self.n, self.batch_size)
-        self.n += self.batch_size
-        if self.device.type == "cuda":
-            # Pinned memory makes the host-to-device copy asynchronous with the compute.
-            xy = xy.pin_memory().to(self.device, non_blocking=True)
-        else:
-            xy = xy.to(self.device)
-        return xy[:, :-1], xy[:, 1:]  # (B, T), (B, T)
+    def __next__(self) -> np.ndarray:
+        xy = self.batch(self.i)
+        self.i += 1
+        return xy
+
+    def __iter__(self):
+        return self
 
     def state_dict(self) -> dict:
-        return {"n": self.n}
+        return {"sequences": self.i * self.world_size * self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.n = int(state["n"])
+        per_step = self.world_size * self.batch_size
+        sequences = int(state["sequences"])
+        if sequences % per_step:
+            raise DataError(
+                f"the checkpoint's data position ({sequences} sequences) is not a whole number of "
+                f"batches of {self.batch_size} x {self.world_size} ranks; resume with the batch size it was saved with"
+            )
+        self.i = sequences // per_step
+
+
+class _Failure:
+    """An exception raised on the worker thread, carried to the consumer."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetcher:
+    """Batches of a BatchStream on a device, prepared by a background thread.
+
+    The thread reads each window from the memmap into a reused (pinned, on CUDA) host buffer,
+    copies it to the device with non_blocking=True on its own CUDA stream, and queues it, staying
+    at most `depth` batches ahead; `next()` costs a queue get. An exception on the thread is
+    raised by the next `next()`, with its original traceback. `close()` stops the thread;
+    it is a daemon, so a forgotten prefetcher never blocks interpreter exit. The position saved
+    in checkpoints counts the batches handed out, not the ones prepared ahead.
+    """
+
+    # How often a blocked worker re-checks for close(): bounds close()'s latency.
+    POLL_SECONDS = 0.05
+
+    def __init__(self, stream: BatchStream, device: torch.device | str, depth: int = 2):
+        self.stream = stream
+        self.device = torch.device(device)
+        self.depth = depth
+        self.consumed = stream.i
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    # ---- consumer side
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.error
+        xy, ready = item
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)  # the copy finished on its stream
+            xy.record_stream(torch.cuda.current_stream(self.device))  # keep the allocator off it until we are done
+        self.consumed += 1
+        return xy[:, :-1], xy[:, 1:]  # (B, T), (B, T)
+
+    next = __next__
+
+    def state_dict(self) -> dict:
+        per_step = self.stream.world_size * self.stream.batch_size
+        return {"sequences": self.consumed * per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.stream.load_state_dict(state)
+        self.consumed = self.stream.i
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a worker waiting on a full queue
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(self.POLL_SECONDS)
+        self._thread, self._queue = None, None
+
+    # ---- worker side
+    def _start(self) -> None:
+        self.stream.i = self.consumed
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._thread = threading.Thread(target=self._work, name="fastgpt-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=self.POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        try:
+            cuda = self.device.type == "cuda"
+            if cuda:
+                torch.cuda.set_device(self.device)
+                copy_stream = torch.cuda.Stream(self.device)
+                # A ring of pinned buffers: one per batch that can be queued, in flight to the
+                # device, or being filled; each is reused only after its last copy completed.
+                shape = (self.stream.batch_size, self.stream.block_size + 1)
+                ring = [torch.empty(shape, dtype=torch.int64).pin_memory() for _ in range(self.depth + 2)]
+                done = [None] * len(ring)
+            slot = 0
+            while not self._stop.is_set():
+                windows = next(self.stream)
+                if not cuda:
+                    item = (torch.from_numpy(windows.astype(np.int64)).to(self.device), None)
+                else:
+                    if done[slot] is not None:
+                        done[slot].synchronize()
+                    host = ring[slot]
+                    host.numpy()[:] = windows  # uint16 -> int64 straight into pinned memory
+                    with torch.cuda.stream(copy_stream):
+                        xy = host.to(self.device, non_blocking=True)
+                        done[slot] = torch.cuda.Event()
+                        done[slot].record(copy_stream)
+                    item = (xy, done[slot])
+                    slot = (slot + 1) % len(ring)
+                if not self._put(item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the training loop
+            self._put(_Failure(e))

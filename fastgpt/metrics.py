@@ -14,6 +14,7 @@ import os
 import platform
 import time
 
+import psutil
 import torch
 
 from fastgpt.assets import atomic_writer, cache_dir
@@ -135,6 +136,7 @@ def host_summary() -> dict:
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

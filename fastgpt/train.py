@@ -1,8 +1,9 @@
-"""Train a GPT on one process (CPU, CUDA or MPS).
+"""Train a GPT on one process (CPU, CUDA or MPS) or many (DDP under torchrun).
 
     python -m fastgpt.train                                   # configs/shakespeare_char.py
     python -m fastgpt.train configs/shakespeare_char.py --max_iters=500 --device=cpu
     python -m fastgpt.train configs/shakespeare_char.py --init_from=resume
+    torchrun --standalone --nproc_per_node=8 -m fastgpt.train configs/owt.py
     python -m fastgpt.train --help                            # every field, its default and why
 
 A config file holds plain assignments of TrainConfig fields (nanoGPT's names); `--key=value`
@@ -11,6 +12,7 @@ overrides it. Checkpoints land in out_dir/ckpt.pt at each evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import sys
@@ -19,8 +21,9 @@ import time
 import torch
 
 from fastgpt import checkpoint as ckpt_io
+from fastgpt import distributed
 from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
-from fastgpt.data import BatchStream, DataError, open_tokens
+from fastgpt.data import BatchStream, DataError, Prefetcher, open_tokens
 from fastgpt.metrics import describe_peak, host_summary, peak_flops
 from fastgpt.model import GPT, GPTConfig, padded_vocab_size
 from fastgpt.optim import get_lr, make_optimizer, set_lr
@@ -54,49 +57,74 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, streams: dict[str, BatchStream], eval_iters: int, ctx) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split, in eval mode (no dropout)."""
+def estimate_loss(model: torch.nn.Module, batches: dict[str, Prefetcher], eval_iters: int, ctx, dist_info) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split per rank, averaged over ranks, in eval
+    mode (no dropout)."""
     model.eval()
     out = {}
-    for split, stream in streams.items():
+    for split, stream in batches.items():
         losses = torch.zeros(eval_iters)
         for i in range(eval_iters):
-            x, y = stream.next()
+            x, y = next(stream)
             with ctx:
                 _, loss = model(x, y)
             losses[i] = loss.item()  # CPU-GPU sync, once per eval batch
-        out[split] = losses.mean().item()
+        out[split] = distributed.mean_over_ranks(losses.mean().item(), dist_info, x.device)
     model.train()
     return out
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run the training loop. Returns the final iteration, the last evaluation's losses, the best
-    val loss, the logged history and the (uncompiled) model."""
+    val loss, the logged history and the (uncompiled) model. Background threads stop on return
+    and on error; the process group (if any) is main()'s to release."""
+    with contextlib.ExitStack() as cleanup:
+        return _train(cfg, cleanup)
+
+
+def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- runtime
     device = resolve_device(cfg.device)
+    dist_info = distributed.setup(device.type, cfg.backend, cfg.ddp_timeout)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    log = print if dist_info.is_master else (lambda *args, **kwargs: None)
+    if cfg.gradient_accumulation_steps % dist_info.world_size:
+        raise ConfigError(
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the global count and must be "
+            f"divisible by the {dist_info.world_size} ranks"
+        )
+    micro_steps = cfg.gradient_accumulation_steps // dist_info.world_size  # per rank
     dtype = resolve_dtype(cfg.dtype, device)
     configure_backends(device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
-    tracker = Tracker(cfg.wandb_log, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    print(f"host: {host_summary()}")
-    print(f"config: {cfg.to_dict()}")
-    print(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, tokens per iteration {tokens_per_iter:,}")
+    tracker = Tracker(cfg.wandb_log and dist_info.is_master, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all ranks
+    log(f"host: {host_summary()}")
+    log(f"config: {cfg.to_dict()}")
+    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {dist_info.world_size} rank(s), "
+        f"tokens per iteration {tokens_per_iter:,}")
 
     # ---------------------------------------------------------------- data
     data_dir = pathlib.Path(cfg.data_root) / cfg.dataset
+    if dist_info.is_master:
+        ensure_dataset(cfg.dataset, data_dir)
+    distributed.barrier(dist_info)  # the other ranks wait for rank 0 to prepare the data
     ensure_dataset(cfg.dataset, data_dir)
     vocab_size = cfg.vocab_size or dataset_vocab_size(data_dir)
     splits = {s: open_tokens(data_dir / f"{s}.bin", vocab_size, cfg.block_size) for s in ("train", "val")}
 
-    def stream(split: str, key: str) -> BatchStream:
-        return BatchStream(splits[split], cfg.batch_size, cfg.block_size, device, cfg.seed, key)
+    def prefetcher(split: str, key: str) -> Prefetcher:
+        stream = BatchStream(splits[split], cfg.batch_size, cfg.block_size, cfg.seed, key,
+                             dist_info.rank, dist_info.world_size)
+        batches = Prefetcher(stream, device)
+        cleanup.callback(batches.close)
+        return batches
 
-    train_batches = stream("train", "train")
+    train_batches = prefetcher("train", "train")
     # Separate streams for evaluation, so estimate_loss never moves the training stream.
-    eval_batches = {"train": stream("train", "train_eval"), "val": stream("val", "val_eval")}
+    eval_batches = {"train": prefetcher("train", "train_eval"), "val": prefetcher("val", "val_eval")}
     streams = {"train": train_batches, "train_eval": eval_batches["train"], "val_eval": eval_batches["val"]}
 
     # ---------------------------------------------------------------- model
@@ -111,42 +139,47 @@ def train(cfg: TrainConfig) -> dict:
     )
     ckpt_path = ckpt_io.checkpoint_path(cfg.out_dir)
     checkpoint = None
-    if cfg.init_from == "resume":
+    if cfg.init_from == "resume":  # every rank reads the same file
         checkpoint = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
         ckpt_io.check_model_args(checkpoint.get("model_args", {}), model_args.to_dict(), ckpt_path)
     model = GPT(model_args)
     if checkpoint is not None:
         ckpt_io.load_model_state(model, checkpoint["model"], ckpt_path)
     model.to(device)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}")
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}")
 
     # ---------------------------------------------------------------- optimizer
     optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     scaler = grad_scaler(device, dtype)
     iter_num, best_val_loss = 0, math.inf
     if checkpoint is not None:
-        iter_num, best_val_loss = ckpt_io.restore_training_state(checkpoint, optimizer, scaler, streams, ckpt_path)
-        print(f"resumed from {ckpt_path} at iteration {iter_num}")
+        iter_num, best_val_loss = ckpt_io.restore_training_state(checkpoint, optimizer, scaler, streams, ckpt_path, dist_info)
+        log(f"resumed from {ckpt_path} at iteration {iter_num}")
         checkpoint = None  # free the CPU copy of the weights
-    elif not cfg.eval_only:
-        moved = ckpt_io.set_aside_existing(ckpt_path)
-        if moved:
-            print(f"kept the previous run's checkpoint as {moved}")
+    else:
+        torch.manual_seed(cfg.seed + dist_info.rank)  # dropout masks differ across ranks
+        if not cfg.eval_only and dist_info.is_master:
+            moved = ckpt_io.set_aside_existing(ckpt_path)
+            if moved:
+                log(f"kept the previous run's checkpoint as {moved}")
 
-    # ---------------------------------------------------------------- compile
-    raw_model = model  # checkpoints hold the uncompiled module's state dict
+    # ---------------------------------------------------------------- compile, DDP
+    raw_model = model  # checkpoints hold the uncompiled, unwrapped module's state dict
     if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
-        print("compiling the model (the first step takes longer)")
+        log("compiling the model (the first step takes longer)")
         model = torch.compile(model)
+    model = distributed.wrap(model, dist_info, device)
     peak = peak_flops(device, dtype)
-    print(describe_peak(device, dtype, peak))
-    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
+    log(describe_peak(device, dtype, peak))
+    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / dist_info.world_size  # per device
 
     def save() -> None:
-        state = ckpt_io.training_state(raw_model, optimizer, scaler, model_args.to_dict(), cfg.to_dict(),
-                                       iter_num, best_val_loss, streams)
-        ckpt_io.save_checkpoint(ckpt_path, state)
-        print(f"saved checkpoint to {ckpt_path}")
+        rng = distributed.gather_objects(ckpt_io.rng_state(), dist_info)  # a collective: every rank calls save
+        if dist_info.is_master:
+            state = ckpt_io.training_state(raw_model, optimizer, scaler, model_args.to_dict(), cfg.to_dict(),
+                                           iter_num, best_val_loss, streams, rng)
+            ckpt_io.save_checkpoint(ckpt_path, state)
+            log(f"saved checkpoint to {ckpt_path}")
 
     # ---------------------------------------------------------------- the loop
     start_iter, losses, lr, mfu = iter_num, {}, cfg.learning_rate, None
@@ -157,8 +190,8 @@ def train(cfg: TrainConfig) -> dict:
         evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
         if evaluate and not (iter_num == start_iter and start_iter > 0):  # a resumed step was evaluated before saving
             t_eval = time.perf_counter()
-            losses = estimate_loss(model, eval_batches, cfg.eval_iters, ctx)
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            losses = estimate_loss(model, eval_batches, cfg.eval_iters, ctx, dist_info)
+            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             history["eval"].append((iter_num, losses["train"], losses["val"]))
             tracker.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr, "mfu": mfu}, iter_num)
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
@@ -172,12 +205,16 @@ def train(cfg: TrainConfig) -> dict:
 
         lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) if cfg.decay_lr else cfg.learning_rate
         set_lr(optimizer, lr)
-        for _ in range(cfg.gradient_accumulation_steps):
-            x, y = train_batches.next()
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / cfg.gradient_accumulation_steps  # the mean over all micro-batches
-            scaler.scale(loss).backward()
+        for micro_step in range(micro_steps):
+            # DDP all-reduces gradients only on the last micro-step; no_sync covers the forward
+            # too, which is where DDP decides whether the coming backward synchronises.
+            last = micro_step == micro_steps - 1
+            with contextlib.nullcontext() if last or not dist_info.enabled else model.no_sync():
+                x, y = next(train_batches)
+                with ctx:
+                    _, loss = model(x, y)
+                    loss = loss / micro_steps  # the mean over micro-batches (DDP averages over ranks)
+                scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -188,20 +225,20 @@ def train(cfg: TrainConfig) -> dict:
         iters_since_log += 1
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            last_loss = loss.item() * cfg.gradient_accumulation_steps  # CPU-GPU sync: waits for the step
+            # CPU-GPU sync (waits for the step); under DDP also a collective, for the mean over ranks.
+            last_loss = distributed.mean_over_ranks(loss.item() * micro_steps, dist_info, device)
             history["train"].append((iter_num, last_loss))
-            dt = time.perf_counter() - t_last
-            per_iter = dt / iters_since_log
+            per_iter = (time.perf_counter() - t_last) / iters_since_log
             mfu = flops_per_iter / per_iter / peak if peak else None
-            print(
+            log(
                 f"iter {iter_num}: loss {last_loss:.4f}, lr {lr:.2e}, {per_iter * 1000:.1f} ms/iter, "
                 f"{tokens_per_iter / per_iter:,.0f} tok/s" + (f", mfu {mfu:.1%}" if mfu is not None else "")
             )
             t_last, iters_since_log = time.perf_counter(), 0
     tracker.close()  # on an exception, wandb's own exit hook closes the run and marks it failed
     total = time.perf_counter() - t_start
-    print(f"done: {iter_num - start_iter} iterations in {total:.1f} s ({total - eval_seconds:.1f} s training, "
-          f"{eval_seconds:.1f} s evaluating and saving); best val loss {best_val_loss:.4f}")
+    log(f"done: {iter_num - start_iter} iterations in {total:.1f} s ({total - eval_seconds:.1f} s training, "
+        f"{eval_seconds:.1f} s evaluating and saving); best val loss {best_val_loss:.4f}")
     return {"iter_num": iter_num, "losses": losses, "best_val_loss": best_val_loss, "history": history, "model": raw_model}
 
 
@@ -214,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.teardown()  # on every exit path, so no rank is left waiting on this one
     return 0
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastgpt.data import BatchStream, DataError, open_tokens
+from fastgpt.data import BatchStream, DataError, Prefetcher, open_tokens
 from fastgpt.train import main
 
 from conftest import tiny_config
@@ -55,8 +55,20 @@ def test_oov_found_past_the_first_scan_chunk(tmp_path, monkeypatch):
         open_tokens(write(tmp_path / "v.bin", ids), 64, 8)
 
 
-def stream(tokens, batch_size=4, block=8, seed=1, split="train"):
-    return BatchStream(tokens, batch_size, block, "cpu", seed, split)
+OPEN = []
+
+
+@pytest.fixture(autouse=True)
+def _close_prefetchers():
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
+def stream(tokens, batch_size=4, block=8, seed=1, split="train", rank=0, world_size=1):
+    p = Prefetcher(BatchStream(tokens, batch_size, block, seed, split, rank, world_size), "cpu")
+    OPEN.append(p)
+    return p
 
 
 def test_batches_are_shifted_windows_of_the_file():
@@ -78,7 +90,7 @@ def test_stream_reproducible_seeded_and_split_separated():
 
 def test_windows_cover_the_file_uniformly():
     tokens = np.arange(10_000, dtype=np.uint16)
-    starts = stream(tokens, block=16).starts(0, 200_000)
+    starts = BatchStream(tokens, 4, 16, 1, "train").starts(0, 200_000)
     assert starts.min() == 0 and starts.max() == len(tokens) - 17  # the last full window
     counts = np.bincount(starts // 1000)
     assert counts[:-1].min() > 0.9 * counts[:-1].mean()

@@ -1,0 +1,89 @@
+"""Data-parallel training across processes started by torchrun (DDP).
+
+    torchrun --standalone --nproc_per_node=8 -m fastgpt.train configs/owt.py
+    torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:PORT --nproc_per_node=8 -m fastgpt.train configs/owt.py
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is a single process. The
+backend is NCCL on CUDA and gloo on CPU, so the whole path runs (and is tested) on a laptop.
+Every collective has a timeout: a rank that dies never leaves the others waiting forever, and
+torchrun stops the surviving ranks as soon as one exits with an error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_master(self) -> bool:
+        """Rank 0 logs, evaluates into the log and writes checkpoints."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device_type: str, backend: str, timeout_s: int) -> DistInfo:
+    """Join the process group torchrun describes; a no-op for a plain `python -m` run."""
+    if not launched_by_torchrun():
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    else:
+        backend = "gloo"  # NCCL needs GPUs
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return info
+
+
+def teardown() -> None:
+    """Leave the process group, on success and on failure alike."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """Wrap in DDP (after torch.compile, as nanoGPT and the DDP docs do) when there are ranks."""
+    if not info.enabled:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
+    """The average of a scalar across ranks (a collective: every rank must call it)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / info.world_size
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order (a collective)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,55 @@
+"""Runs fastgpt.train under torchrun with a test instrument attached (not a test file itself).
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_harness.py MODE OUT_FILE -- [--key=value ...]
+
+MODE count_allreduce: counts DDP's gradient all-reduces (a comm hook) and writes rank 0's count.
+MODE fail_rank1: rank 1 raises on its third training batch, as a crashing rank would.
+"""
+
+import os
+import pathlib
+import sys
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from fastgpt import data, distributed, train
+
+
+def count_allreduce(out_file: pathlib.Path) -> None:
+    calls = [0]
+    wrap = distributed.wrap
+
+    def counting_hook(state, bucket):
+        calls[0] += 1
+        return default_hooks.allreduce_hook(None, bucket)
+
+    def wrap_and_count(model, info, device):
+        ddp = wrap(model, info, device)
+        ddp.register_comm_hook(None, counting_hook)
+        return ddp
+
+    distributed.wrap = wrap_and_count
+    code = train.main(sys.argv[sys.argv.index("--") + 1 :])
+    if int(os.environ["RANK"]) == 0:
+        out_file.write_text(str(calls[0]))
+    sys.exit(code)
+
+
+def fail_rank1() -> None:
+    if int(os.environ["RANK"]) == 1:
+        batch = data.BatchStream.batch
+
+        def failing_batch(self, i):
+            if i == 2 and self.rank == 1:
+                raise RuntimeError("injected failure on rank 1")
+            return batch(self, i)
+
+        data.BatchStream.batch = failing_batch
+    sys.exit(train.main(sys.argv[sys.argv.index("--") + 1 :]))
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    mode, out = sys.argv[1], pathlib.Path(sys.argv[2])
+    count_allreduce(out) if mode == "count_allreduce" else fail_rank1()

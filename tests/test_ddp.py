@@ -1,0 +1,111 @@
+"""DDP on CPU with gloo, launched the way users launch it: torchrun -m fastgpt.train."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastgpt import checkpoint as ckpt_io
+from fastgpt.train import train
+
+from conftest import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+# Two processes on a 2-core machine: one thread each, or they spin against each other.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# Generous for process start-up on a slow machine; a hang would take the collective timeout.
+TIMEOUT_S = 240
+
+
+def overrides(cfg) -> list[str]:
+    return [f"--{k}={v!r}" for k, v in cfg.to_dict().items()]
+
+
+def torchrun(*args, nproc=2, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def run_ddp(cfg, tmp_path, nproc=2):
+    proc = torchrun("-m", "fastgpt.train", *overrides(cfg), nproc=nproc, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights_and_moments(out_dir):
+    ck = ckpt_io.load_checkpoint(pathlib.Path(out_dir) / "ckpt.pt")
+    moments = [s["exp_avg"] for _, s in sorted(ck["optimizer"]["state"].items())]
+    return ck["model"], moments, ck
+
+
+def assert_same_training(a, b):
+    (wa, ma, _), (wb, mb, _) = a, b
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-6, msg=lambda m: f"{k}: {m}")
+    for x, y in zip(ma, mb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-7)
+
+
+COMMON = dict(max_iters=4, lr_decay_iters=8, eval_interval=4, grad_clip=1.0, dropout=0.0)
+
+
+def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    train(tiny_config(tmp_path / "one", data_root, batch_size=8, gradient_accumulation_steps=1, **COMMON))
+    proc = run_ddp(tiny_config(tmp_path / "two", data_root, batch_size=4, gradient_accumulation_steps=2, **COMMON), tmp_path)
+    assert "2 rank(s)" in proc.stdout and proc.stdout.count("step 4:") == 1  # rank 0 alone logs
+    assert_same_training(weights_and_moments(tmp_path / "one" / "out"), weights_and_moments(tmp_path / "two" / "out"))
+
+
+def test_ddp_checkpoint_resumes_on_one_or_two_processes(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    whole = dict(COMMON, max_iters=8)
+    train(tiny_config(tmp_path / "ref", data_root, batch_size=4, gradient_accumulation_steps=2, **whole))
+    run_ddp(tiny_config(tmp_path / "ddp", data_root, batch_size=4, gradient_accumulation_steps=2, **COMMON), tmp_path)
+    shutil.copytree(tmp_path / "ddp", tmp_path / "ddp1")
+    resume = dict(whole, batch_size=4, gradient_accumulation_steps=2, init_from="resume")
+    run_ddp(tiny_config(tmp_path / "ddp", data_root, **resume), tmp_path)
+    result = train(tiny_config(tmp_path / "ddp1", data_root, **resume))
+    assert result["iter_num"] == 8
+    reference = weights_and_moments(tmp_path / "ref" / "out")
+    assert_same_training(reference, weights_and_moments(tmp_path / "ddp" / "out"))
+    assert_same_training(reference, weights_and_moments(tmp_path / "ddp1" / "out"))
+
+
+def count_allreduces(cfg, tmp_path, name):
+    out = tmp_path / f"{name}.count"
+    proc = torchrun(str(REPO / "tests" / "ddp_harness.py"), "count_allreduce", str(out), "--", *overrides(cfg), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(out.read_text())
+
+
+def test_gradients_all_reduced_once_per_optimizer_step(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    steps = dict(COMMON, max_iters=3, eval_interval=100)
+    one_micro = count_allreduces(tiny_config(tmp_path / "a", data_root, gradient_accumulation_steps=2, **steps), tmp_path, "a")
+    four_micro = count_allreduces(tiny_config(tmp_path / "b", data_root, gradient_accumulation_steps=8, **steps), tmp_path, "b")
+    assert one_micro >= 3 and one_micro % 3 == 0  # 3 steps x the number of gradient buckets
+    assert four_micro == one_micro  # 4 micro-steps per rank, still one all-reduce per bucket per step
+
+
+def test_accumulation_must_divide_among_ranks(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    proc = torchrun("-m", "fastgpt.train", *overrides(tiny_config(tmp_path, data_root, gradient_accumulation_steps=3)), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "gradient_accumulation_steps=3 is the global count and must be divisible by the 2 ranks" in proc.stderr
+
+
+def test_a_failing_rank_stops_the_job_quickly(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    cfg = tiny_config(tmp_path, data_root, max_iters=1000, eval_interval=1000, gradient_accumulation_steps=2)
+    start = time.perf_counter()
+    proc = torchrun(str(REPO / "tests" / "ddp_harness.py"), "fail_rank1", "unused", "--", *overrides(cfg), cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to stop"
