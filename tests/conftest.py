@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
+
+# Kernel tests run on a CPU through Triton's interpreter, which must be chosen before triton is
+# first imported; on a GPU machine they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastgpt.config import TrainConfig
 
@@ -51,6 +57,6 @@ def tiny_config(tmp_path, data_root, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_cache(monkeypatch, tmp_path_factory):
+def _seed():
     torch.manual_seed(0)
     np.random.seed(0)

@@ -1,0 +1,48 @@
+"""What every kernel file shares: whether Triton can run here, launch sizing, input hygiene.
+
+Kernels know nothing of fastgpt; fastgpt decides in one place whether to call them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported) runs kernels with
+# numpy: slow, but exact enough to test them on a machine without a GPU.
+INTERPRET_ENV = "TRITON_INTERPRET"
+# Largest row a single program holds in registers/SRAM; wider rows need a looping kernel.
+MAX_FUSED_BLOCK = 65536
+
+
+def triton_installed() -> bool:
+    """True if the triton package is importable (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get(INTERPRET_ENV) == "1"
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """Kernels can run on `device`: CUDA with triton installed, or anywhere under the interpreter."""
+    device = torch.device(device)
+    return triton_installed() and (device.type == "cuda" or interpreting())
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def num_warps_for(block: int) -> int:
+    """Warps per program for a row of `block` elements: more warps for wider rows (the heuristic
+    of Triton's layer-norm tutorial), between 4 and 16."""
+    return min(max(block // 256, 4), 16)
+
+
+def as_2d(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous (rows, last dim) view. Kernels read raw pointers, so a strided view (such as
+    the stride-0 gradient `.sum()` sends back) must be made dense first."""
+    return x.contiguous().view(-1, x.shape[-1])
