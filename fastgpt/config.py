@@ -96,6 +96,13 @@ class TrainConfig:
         ),
     )
     seed: int = field(default=1337, metadata=_doc("base random seed (model init and batches)"))
+    kernels: str = field(
+        default="auto",
+        metadata=_doc(
+            "hot-path implementation: 'auto' = Triton kernels on CUDA when triton imports, torch elsewhere",
+            ("auto", "triton", "torch"),
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.validate()

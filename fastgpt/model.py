@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastgpt.ops import TORCH_OPS, Ops
+
 # GPT-2 initialises weights from N(0, 0.02) (its model.py: `initializer_range`).
 INIT_STD = 0.02
-# nanoGPT's convention: targets equal to -1 are not counted in the loss.
-IGNORE_INDEX = -1
 
 
 @dataclass
@@ -41,13 +41,14 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (torch's has no bias=False before 2.1; kept for checkpoints)."""
 
-    def __init__(self, ndim: int, bias: bool):
+    def __init__(self, ndim: int, bias: bool, ops: Ops = TORCH_OPS):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return self.ops.layer_norm(x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -88,29 +89,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, ops: Ops = TORCH_OPS):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias, ops=ops)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, ops=ops)
         self.mlp = MLP(config)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        # x + attn(ln_1(x)), then ln_2 of that sum: one fused pass with the Triton kernels.
+        x, h = self.ops.add_layer_norm(x, self.attn(self.ln_1(x)), self.ln_2.weight, self.ln_2.bias)
+        return x + self.mlp(h)
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """`ops` picks torch or Triton implementations (fastgpt.ops); the parameters, and so the
+    checkpoints, are the same either way."""
+
+    def __init__(self, config: GPTConfig, ops: Ops = TORCH_OPS):
         super().__init__()
         self.config = config
+        self.ops = ops
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+                h=nn.ModuleList([Block(config, ops) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias, ops=ops),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -141,9 +148,10 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> (logits, loss). With targets, logits are (B, T, V) and loss is
-        the mean cross-entropy over targets != -1; without, only the last position's logits
-        (B, 1, V) are computed, which is all generation needs."""
+        """idx (B, T) token ids -> (logits, loss). With targets, loss is the mean cross-entropy
+        over targets != -1 and logits are (B, T, V), or None with the Triton kernels, which fuse
+        the head and the loss without ever forming the logits; without targets, only the last
+        position's logits (B, 1, V) are computed, which is all generation needs."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -154,11 +162,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
-        )
-        return logits, loss
+        logits, loss = self.ops.head_and_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        return (None if logits is None else logits.view(B, T, -1)), loss
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context, e.g. to finetune a 1024-token model at 256 tokens."""

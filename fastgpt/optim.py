@@ -30,10 +30,19 @@ def fused_adamw_available(device_type: str) -> bool:
 
 
 def make_optimizer(
-    model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
-) -> torch.optim.AdamW:
-    fused = fused_adamw_available(device_type)
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=fused)
+    model: nn.Module,
+    weight_decay: float,
+    learning_rate: float,
+    betas: tuple[float, float],
+    device_type: str,
+    optimizer_cls: type = torch.optim.AdamW,
+) -> torch.optim.Optimizer:
+    """AdamW over the model's two parameter groups: torch's (fused where available) or another
+    class with its constructor, such as kernels.adamw.TritonAdamW."""
+    groups = param_groups(model, weight_decay)
+    if optimizer_cls is torch.optim.AdamW:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused_adamw_available(device_type))
+    return optimizer_cls(groups, lr=learning_rate, betas=betas)
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:

@@ -26,6 +26,7 @@ from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.data import BatchStream, DataError, Prefetcher, open_tokens
 from fastgpt.metrics import describe_peak, host_summary, peak_flops
 from fastgpt.model import GPT, GPTConfig, padded_vocab_size
+from fastgpt.ops import KernelChoiceError, get_ops, resolve_kernels
 from fastgpt.optim import get_lr, make_optimizer, set_lr
 from fastgpt.prepare import ensure_dataset
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
@@ -38,7 +39,7 @@ DEFAULT_CONFIG_NAME = pathlib.Path("configs") / "shakespeare_char.py"
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
 USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--key=value ...]"
 # Errors a user can fix from the message alone: printed as one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, KernelChoiceError, FileNotFoundError)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -96,6 +97,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
         )
     micro_steps = cfg.gradient_accumulation_steps // dist_info.world_size  # per rank
     dtype = resolve_dtype(cfg.dtype, device)
+    ops = get_ops(resolve_kernels(cfg.kernels, device))
     configure_backends(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
@@ -103,7 +105,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all ranks
     log(f"host: {host_summary()}")
     log(f"config: {cfg.to_dict()}")
-    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {dist_info.world_size} rank(s), "
+    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {ops.name} kernels, {dist_info.world_size} rank(s), "
         f"tokens per iteration {tokens_per_iter:,}")
 
     # ---------------------------------------------------------------- data
@@ -142,14 +144,14 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     if cfg.init_from == "resume":  # every rank reads the same file
         checkpoint = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
         ckpt_io.check_model_args(checkpoint.get("model_args", {}), model_args.to_dict(), ckpt_path)
-    model = GPT(model_args)
+    model = GPT(model_args, ops)
     if checkpoint is not None:
         ckpt_io.load_model_state(model, checkpoint["model"], ckpt_path)
     model.to(device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}")
 
     # ---------------------------------------------------------------- optimizer
-    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, ops.optimizer)
     scaler = grad_scaler(device, dtype)
     iter_num, best_val_loss = 0, math.inf
     if checkpoint is not None:

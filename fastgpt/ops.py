@@ -1,0 +1,99 @@
+"""The one place fastgpt chooses its implementation of the hot ops: Triton kernels or torch.
+
+    kernels = "auto"    Triton on CUDA when triton imports, torch everywhere else
+    kernels = "triton"  Triton (CUDA, or any device under TRITON_INTERPRET=1, for testing)
+    kernels = "torch"   plain torch ops
+
+Both implementations compute the same functions with the same parameters, so models built with
+either load each other's checkpoints. A machine without CUDA never imports triton here unless
+asked to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels.common import interpreting, triton_installed
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
+IGNORE_INDEX = -1  # nanoGPT's convention: targets of -1 are not counted
+
+
+class KernelChoiceError(ValueError):
+    """The requested kernels cannot run here; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    layer_norm: Callable  # (x, weight, bias) -> y
+    add_layer_norm: Callable  # (x, residual, weight, bias) -> (x + residual, layer_norm(x + residual))
+    head_and_loss: Callable  # (hidden (N, C), weight (V, C), targets (N,)) -> (logits (N, V) or None, mean loss)
+    optimizer: type  # an AdamW with torch.optim.AdamW's constructor and state_dict
+
+
+def resolve_kernels(choice: str, device: torch.device) -> str:
+    """'triton' or 'torch' for this device."""
+    if choice not in KERNEL_CHOICES:
+        raise KernelChoiceError(f"kernels={choice!r} is not allowed; choose one of {', '.join(KERNEL_CHOICES)}")
+    runnable = triton_installed() and (device.type == "cuda" or interpreting())
+    if choice == "auto":
+        return "triton" if runnable and device.type == "cuda" else "torch"
+    if choice == "triton" and not runnable:
+        why = "triton is not installed (pip install -e '.[triton]')" if not triton_installed() else f"device {device} is not CUDA"
+        raise KernelChoiceError(f"kernels='triton' cannot run here: {why}; use kernels='auto' or 'torch'")
+    return choice
+
+
+def _torch_layer_norm(x, weight, bias):
+    return F.layer_norm(x, weight.shape, weight, bias, LN_EPS)
+
+
+def _torch_add_layer_norm(x, residual, weight, bias):
+    s = x + residual
+    return s, F.layer_norm(s, weight.shape, weight, bias, LN_EPS)
+
+
+def _torch_head_and_loss(hidden, weight, targets):
+    logits = F.linear(hidden, weight)  # (N, V)
+    return logits, F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+
+
+TORCH_OPS = Ops("torch", _torch_layer_norm, _torch_add_layer_norm, _torch_head_and_loss, torch.optim.AdamW)
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would compute a matmul in: custom ops are opaque to autocast, so the
+    Triton path casts its inputs itself, as torch's Linear would be cast."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+def triton_ops() -> Ops:
+    from kernels import adamw, cross_entropy, layernorm  # only here: importing triton needs a driver or the interpreter
+
+    def add_layer_norm(x, residual, weight, bias):
+        # The residual stream keeps its dtype (fp32 under autocast); the branch output joins it.
+        return layernorm.add_layer_norm(x, residual.to(x.dtype), weight, bias, LN_EPS)
+
+    def layer_norm(x, weight, bias):
+        return layernorm.layer_norm(x, weight, bias, LN_EPS)
+
+    def head_and_loss(hidden, weight, targets):
+        # Chunked over tokens: the (N, V) logits never exist, so there are none to return.
+        dtype = _autocast_dtype(hidden)
+        return None, cross_entropy.linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, IGNORE_INDEX)
+
+    return Ops("triton", layer_norm, add_layer_norm, head_and_loss, adamw.TritonAdamW)
+
+
+def get_ops(name: str) -> Ops:
+    """The implementation named by resolve_kernels()."""
+    return triton_ops() if name == "triton" else TORCH_OPS
