@@ -1,0 +1,94 @@
+"""One AdamW step over GPT-2 124M's parameters: the Triton kernel against torch's fused and
+foreach AdamW, in the same run.
+
+    pytest bench/test_bench_adamw.py --benchmark-only
+
+Providers:
+  triton   kernels.adamw.TritonAdamW: one launch per param group over all its parameters
+  fused    torch.optim.AdamW(fused=True)
+  foreach  torch.optim.AdamW(foreach=True), nanoGPT's default on CUDA
+
+The parameters are GPT-2 124M's, built from the architecture (12 layers, 768 wide, vocab 50304,
+block 1024, no biases, lm_head tied to wte), in fp32, split into the two groups fastgpt uses
+(matrices decayed, LayerNorm gains not). Gradients are fixed random tensors and are not zeroed,
+so a round is the step alone. Each result records ms and GB/s in `extra_info`; GB/s counts the
+bytes an AdamW step must move, read p, g, m, v and write p, m, v: 28 bytes per fp32 element
+(3.5 GB per step here), the same count for every provider.
+
+Without CUDA the triton provider is skipped (Triton's CPU interpreter would time numpy, not the
+kernel) and the torch providers run on the CPU over a scaled-down GPT (2 layers, 128 wide, vocab
+2048, block 128), so the file still runs and the two torch paths can be compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.adamw import TritonAdamW
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# GPT-2 124M (vocab padded to a multiple of 64, as nanoGPT does), or a CPU-sized stand-in.
+N_LAYER, N_EMBD, VOCAB, BLOCK_SIZE = (12, 768, 50304, 1024) if CUDA else (2, 128, 2048, 128)
+ROUNDS, WARMUP_ROUNDS = (50, 5) if CUDA else (20, 3)
+# nanoGPT's GPT-2 recipe.
+LR, BETAS, WEIGHT_DECAY = 6e-4, (0.9, 0.95), 0.1
+# Read p, g, m, v and write p, m, v, 4 bytes each.
+BYTES_PER_FP32_ELEMENT = 7 * 4
+
+
+def gpt_param_shapes(n_layer: int, n_embd: int, vocab: int, block_size: int) -> tuple[list, list]:
+    """(decayed, not decayed) parameter shapes of a bias-free GPT, in model.parameters() order."""
+    decay = [(vocab, n_embd), (block_size, n_embd)]  # wte (= lm_head, tied), wpe
+    no_decay = []
+    for _ in range(n_layer):
+        no_decay += [(n_embd,), (n_embd,)]  # ln_1, ln_2 gains
+        decay += [
+            (3 * n_embd, n_embd),  # attn.c_attn: q, k, v
+            (n_embd, n_embd),  # attn.c_proj
+            (4 * n_embd, n_embd),  # mlp.c_fc
+            (n_embd, 4 * n_embd),  # mlp.c_proj
+        ]
+    no_decay.append((n_embd,))  # ln_f gain
+    return decay, no_decay
+
+
+def build(provider: str):
+    torch.manual_seed(0)
+    decay, no_decay = gpt_param_shapes(N_LAYER, N_EMBD, VOCAB, BLOCK_SIZE)
+    groups = []
+    for shapes, weight_decay in ((decay, WEIGHT_DECAY), (no_decay, 0.0)):
+        params = [(torch.randn(s, device=DEVICE) * 0.02).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        groups.append({"params": params, "weight_decay": weight_decay})
+    if provider == "triton":
+        opt = TritonAdamW(groups, lr=LR, betas=BETAS)
+    else:
+        opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, **{provider: True})
+    numel = sum(p.numel() for g in groups for p in g["params"])
+
+    def step():
+        opt.step()
+        if CUDA:
+            torch.cuda.synchronize()  # time the step, not its launch
+
+    return step, numel
+
+
+@pytest.mark.benchmark(group="adamw")
+@pytest.mark.parametrize("provider", ["triton", "fused", "foreach"])
+def test_adamw_step(benchmark, provider):
+    if provider == "triton" and not CUDA:
+        pytest.skip("the Triton provider is timed on CUDA only")
+    step, numel = build(provider)
+    step()  # state allocation (and, for triton, compilation) stays out of the timing
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if CUDA else "cpu",
+        params=numel,
+        ms=round(seconds * 1e3, 3),
+        gb_per_s=round(numel * BYTES_PER_FP32_ELEMENT / seconds / 1e9, 1),
+    )

@@ -1,0 +1,96 @@
+"""LayerNorm forward, backward, and both: the Triton kernel against torch eager and torch.compile.
+
+    pytest bench/test_bench_layernorm.py --benchmark-only
+
+Providers, measured in the same run so their ratio means something:
+  triton     kernels.layernorm.layer_norm (CUDA only, see below)
+  eager      torch.nn.functional.layer_norm
+  compiled   torch.compile(F.layer_norm): inductor's generated kernels
+
+Modes, one benchmark group each: forward (with autograd recording, as in training), backward
+(torch.autograd.grad of a kept graph: no .grad accumulation is timed), forward+backward.
+
+On CUDA: (16384, 768) in bf16, GPT-2 small's width over 16 sequences of 1024 tokens. A round is
+CALLS_PER_ROUND back-to-back calls and one synchronize, so the GPU runs ahead of Python as it does
+in training; the benchmark's own stats are per round, `extra_info` has ms per call and GB/s.
+
+Without CUDA the triton provider is skipped: Triton's CPU interpreter runs kernels in numpy, a
+correctness tool, not a performance number. The torch providers then run on (2048, 768) in fp32,
+one call per round, so the file still runs; those figures measure this CPU.
+
+GB/s counts the bytes the kernel's docstring counts per element (e bytes each): forward 2e (read
+x, write y), backward 3e (read x and dy, write dx), forward+backward 5e; weight, bias, statistics
+and partial sums are left out. The same count serves every provider: it is the work's effective
+bandwidth, not the traffic each implementation happens to generate.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+ROWS, COLS, DTYPE = (16384, 768, torch.bfloat16) if CUDA else (2048, 768, torch.float32)
+CALLS_PER_ROUND = 10 if CUDA else 1
+ROUNDS, WARMUP_ROUNDS = (50, 5) if CUDA else (20, 3)
+EPS = 1e-5
+BYTES_PER_ELEMENT = {"forward": 2, "backward": 3, "forward+backward": 5}  # times e, the element size
+PROVIDERS = ["triton", "eager", "compiled"]
+MODES = list(BYTES_PER_ELEMENT)
+
+
+def layer_norm_for(provider: str):
+    if provider == "triton":
+        # Imported here only: importing triton without a GPU or the interpreter selected would
+        # leave it unable to run the kernel tests later in the same session.
+        from kernels.layernorm import layer_norm
+
+        return lambda x, w, b: layer_norm(x, w, b, EPS)
+    eager = lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, EPS)  # noqa: E731
+    return torch.compile(eager, fullgraph=True) if provider == "compiled" else eager
+
+
+def build(provider: str, mode: str):
+    """A function doing CALLS_PER_ROUND calls of `mode` and waiting for them."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(ROWS, COLS, generator=g) * 2 + 0.5).to(DEVICE, DTYPE).requires_grad_()
+    w = (1 + 0.1 * torch.randn(COLS, generator=g)).to(DEVICE, DTYPE).requires_grad_()
+    b = (0.1 * torch.randn(COLS, generator=g)).to(DEVICE, DTYPE).requires_grad_()
+    dy = torch.randn(ROWS, COLS, generator=g).to(DEVICE, DTYPE)
+    inputs = (x, w, b)
+    fn = layer_norm_for(provider)
+
+    if mode == "forward":
+        call = lambda: fn(*inputs)  # noqa: E731
+    elif mode == "backward":
+        y = fn(*inputs)
+        call = lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)  # noqa: E731
+    else:
+        call = lambda: torch.autograd.grad(fn(*inputs), inputs, dy)  # noqa: E731
+
+    def round_of_calls():
+        for _ in range(CALLS_PER_ROUND):
+            call()
+        if CUDA:
+            torch.cuda.synchronize()  # CPU-GPU sync: the round ends when the GPU is done
+
+    round_of_calls()  # compile (torch.compile, Triton) outside the timed rounds
+    return round_of_calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_layer_norm(benchmark, provider, mode):
+    if provider == "triton" and not CUDA:
+        pytest.skip("triton provider needs CUDA: the CPU interpreter is not a performance number")
+    benchmark.group = f"layer_norm {mode} ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')} {DEVICE}"
+    benchmark.pedantic(build(provider, mode), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    seconds_per_call = benchmark.stats.stats.median / CALLS_PER_ROUND
+    nbytes = BYTES_PER_ELEMENT[mode] * ROWS * COLS * DTYPE.itemsize
+    benchmark.extra_info.update(
+        shape=[ROWS, COLS],
+        dtype=str(DTYPE).removeprefix("torch."),
+        calls_per_round=CALLS_PER_ROUND,
+        ms_per_call=round(seconds_per_call * 1e3, 4),
+        gb_per_s=round(nbytes / seconds_per_call / 1e9, 1),
+    )
