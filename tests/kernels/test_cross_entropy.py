@@ -1,0 +1,380 @@
+"""kernels/cross_entropy.py against its fp32 torch reference: the loss and every gradient, over
+vocabularies that are not a multiple of the block, ignored targets, chunk boundaries, compile, and
+the memory the fused pass is for. On a CPU the kernels run in Triton's interpreter (conftest)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+pytest.importorskip("triton")
+from kernels import cross_entropy as ce  # noqa: E402  (after the interpreter is chosen)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -1
+
+# (rtol, atol) against the fp32 reference. The fused loss is computed in fp32 from the very input
+# values the reference upcasts, so it agrees to fp32 summation order whatever the input dtype; the
+# gradients are stored in the input dtype. A missing 1/n_counted is off by a factor n >= 2, a wrong
+# ignore mask puts O(1/n) where the reference has 0, and a last block off by one column either
+# leaves a logit where a gradient belongs or pulls a neighbour into the sum: all far outside these.
+CE_TOL = {
+    torch.float32: {"loss": (1e-6, 1e-6), "grad": (1e-5, 1e-9)},
+    # One bf16 ulp (2^-7 relative): the interpreter truncates fp32 -> bf16; a GPU rounds to nearest.
+    torch.bfloat16: {"loss": (1e-6, 1e-6), "grad": (2**-7, 1e-9)},
+    # fp16 gradients below 6e-5 are subnormal, with absolute spacing 6e-8.
+    torch.float16: {"loss": (1e-6, 1e-6), "grad": (2**-10, 1e-7)},
+}
+# The chunk logits come out of a matmul in the input dtype, so bf16 carries their rounding
+# (2^-9 of |logit|) into the loss and both gradients; measured worst 3e-4 (loss), 0.5% (grads).
+LINEAR_TOL = {
+    # grad_hidden sums V products that largely cancel: fp32 rounding reaches 7e-7 at V = 50257.
+    torch.float32: {"loss": (1e-6, 1e-6), "grad": (1e-5, 3e-6)},
+    torch.bfloat16: {"loss": (2e-3, 1e-3), "grad": (1e-2, 1e-3)},
+}
+
+
+def make_targets(shape, vocab, ignored=()):
+    """Random targets with the listed flat positions set to IGNORE."""
+    t = torch.randint(0, vocab, shape, device=DEVICE)
+    t.view(-1)[list(ignored)] = IGNORE
+    return t
+
+
+def close(actual, expected, tol):
+    rtol, atol = tol
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+def run_cross_entropy(logits, targets, upstream=1.0):
+    """(loss, dlogits) of the kernel and of the reference, one upstream gradient for both."""
+    ours = logits.detach().clone().requires_grad_()
+    ref = logits.detach().to(torch.float32, copy=True).requires_grad_()
+    loss = ce.cross_entropy(ours, targets, IGNORE)
+    ref_loss = ce.cross_entropy_reference(ref, targets, IGNORE)
+    g = torch.tensor(upstream, device=DEVICE)
+    loss.backward(g)
+    ref_loss.backward(g)
+    return (loss, ours.grad), (ref_loss, ref.grad)
+
+
+# --- cross_entropy -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "n_rows, vocab, ignored, upstream",
+    [
+        (1, 65, (), 1.0),  # one row, vocab far below one block
+        (7, 65, (2, 5), 2.0),  # prime rows
+        (11, 1031, (0,), 1.0),  # odd vocab
+        (5, 50257, (3,), 2.0),  # GPT-2's vocab: 6 full blocks and 1105 columns
+        (3, 50304, (), 0.5),  # padded vocab: 6 full blocks and a partial one
+    ],
+)
+def test_cross_entropy_matches_reference(dtype, n_rows, vocab, ignored, upstream):
+    logits = (3 * torch.randn(n_rows, vocab, device=DEVICE)).to(dtype)
+    targets = make_targets((n_rows,), vocab, ignored)
+    (loss, grad), (ref_loss, ref_grad) = run_cross_entropy(logits, targets, upstream)
+    tol = CE_TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert grad.dtype == dtype
+    close(loss, ref_loss, tol["loss"])
+    close(grad, ref_grad, tol["grad"])
+    assert not grad[list(ignored)].any(), "ignored rows get no gradient"
+
+
+def test_cross_entropy_fp16():
+    logits = (3 * torch.randn(6, 1031, device=DEVICE)).half()
+    (loss, grad), (ref_loss, ref_grad) = run_cross_entropy(logits, make_targets((6,), 1031, (4,)), 3.0)
+    close(loss, ref_loss, CE_TOL[torch.float16]["loss"])
+    close(grad, ref_grad, CE_TOL[torch.float16]["grad"])
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_cross_entropy_many_blocks(block_size):
+    """Force many blocks per row, with a partial last one: 1031 = 4 x 256 + 7 = 64 x 16 + 7."""
+    vocab = 1031
+    logits = 3 * torch.randn(5, vocab, device=DEVICE)
+    logits[1, -1] = 12.0  # the last column dominates its row: dropping it changes everything
+    targets = make_targets((5,), vocab, (2,))
+    targets[3] = vocab - 1
+    ref = logits.clone().requires_grad_()
+    ref_loss = ce.cross_entropy_reference(ref, targets, IGNORE)
+    ref_loss.backward()
+    grad = logits.clone()
+    n_counted = ce.count_targets(targets, IGNORE)
+    rows = ce.cross_entropy_rows(grad, targets, n_counted, IGNORE, write_grad=True, block_size=block_size)
+    close(ce.mean_loss(rows, n_counted), ref_loss, CE_TOL[torch.float32]["loss"])
+    close(grad, ref.grad, CE_TOL[torch.float32]["grad"])
+
+
+def test_cross_entropy_3d_with_a_fully_ignored_sequence():
+    """(B, T, V) logits and (B, T) targets, as a model produces them; sequence 1 is all padding."""
+    B, T, V = 3, 5, 65
+    logits = 3 * torch.randn(B, T, V, device=DEVICE)
+    targets = make_targets((B, T), V)
+    targets[1] = IGNORE
+    targets[2, 4] = IGNORE
+    (loss, grad), (ref_loss, ref_grad) = run_cross_entropy(logits, targets)
+    assert grad.shape == (B, T, V)
+    close(loss, ref_loss, CE_TOL[torch.float32]["loss"])
+    close(grad, ref_grad, CE_TOL[torch.float32]["grad"])
+    assert not grad[1].any()
+
+
+def test_all_targets_ignored_gives_zero_loss_and_gradient():
+    """torch returns nan (0/0); a fully padded batch here contributes nothing instead."""
+    logits = torch.randn(4, 65, device=DEVICE, requires_grad=True)
+    targets = torch.full((4,), IGNORE, device=DEVICE)
+    loss = ce.cross_entropy(logits, targets, IGNORE)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert not logits.grad.any()
+    assert ce.cross_entropy_reference(torch.randn(4, 65), targets.cpu(), IGNORE).item() == 0.0
+    assert torch.isnan(torch.nn.functional.cross_entropy(torch.randn(4, 65), targets.cpu(), ignore_index=IGNORE))
+
+
+def test_logits_are_consumed_only_when_a_gradient_is_needed():
+    logits = torch.randn(6, 65, device=DEVICE)
+    targets = make_targets((6,), 65, (1,))
+    kept = logits.clone()
+    with torch.no_grad():
+        loss = ce.cross_entropy(logits, targets, IGNORE)
+    assert torch.equal(logits, kept), "no gradient needed: the logits are only read"
+    close(loss, ce.cross_entropy_reference(kept, targets, IGNORE), CE_TOL[torch.float32]["loss"])
+
+    leaf = logits.clone().requires_grad_()
+    ce.cross_entropy(leaf, targets, IGNORE)
+    expected = kept.clone().requires_grad_()
+    ce.cross_entropy_reference(expected, targets, IGNORE).backward()
+    close(leaf.detach(), expected.grad, CE_TOL[torch.float32]["grad"])  # the storage now holds dL/dlogits
+
+
+def test_non_contiguous_logits_are_copied_not_consumed():
+    logits_t = torch.randn(65, 7, device=DEVICE)  # (V, N): its transpose is strided
+    targets = make_targets((7,), 65, (3,))
+    kept = logits_t.clone()
+    leaf = logits_t.clone().requires_grad_()
+    loss = ce.cross_entropy(leaf.T, targets, IGNORE)
+    loss.backward()
+    assert torch.equal(leaf.detach(), kept)
+    ref = kept.T.clone().requires_grad_()
+    ce.cross_entropy_reference(ref, targets, IGNORE).backward()
+    close(loss, ce.cross_entropy_reference(kept.T, targets, IGNORE), CE_TOL[torch.float32]["loss"])
+    close(leaf.grad.T, ref.grad, CE_TOL[torch.float32]["grad"])
+
+
+def test_overwriting_logits_an_op_saved_fails_loudly():
+    """exp() saves its output for backward; the overwrite bumps the shared version counter."""
+    x = torch.randn(4, 65, device=DEVICE, requires_grad=True)
+    loss = ce.cross_entropy(x.exp(), make_targets((4,), 65), IGNORE)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_second_backward_through_a_retained_graph_fails_loudly():
+    """Backward scales the stored gradient in place; a second pass must not scale it again."""
+    x = torch.randn(4, 65, device=DEVICE, requires_grad=True)
+    loss = ce.cross_entropy(x * 1.0, make_targets((4,), 65), IGNORE)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_cross_entropy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"targets \(5,\).*logits \(4, 65\)"):
+        ce.cross_entropy(torch.randn(4, 65, device=DEVICE), torch.zeros(5, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="integers"):
+        ce.cross_entropy(torch.randn(4, 65, device=DEVICE), torch.zeros(4, device=DEVICE))
+
+
+# --- linear_cross_entropy ----------------------------------------------------------------------
+
+
+def run_linear(hidden, weight, targets, chunk_size, upstream=1.0):
+    h, w = (x.detach().clone().requires_grad_() for x in (hidden, weight))
+    h_ref, w_ref = (x.detach().to(torch.float32, copy=True).requires_grad_() for x in (hidden, weight))
+    loss = ce.linear_cross_entropy(h, w, targets, IGNORE, chunk_size)
+    ref_loss = ce.linear_cross_entropy_reference(h_ref, w_ref, targets, IGNORE)
+    g = torch.tensor(upstream, device=DEVICE)
+    loss.backward(g)
+    ref_loss.backward(g)
+    return (loss, h.grad, w.grad), (ref_loss, h_ref.grad, w_ref.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "n_rows, n_embd, vocab, chunk_size, ignored, upstream",
+    [
+        (1, 16, 65, None, (), 1.0),  # one row
+        (37, 24, 1031, 10, (0, 17, 36), 2.0),  # prime rows, chunks of 10, 10, 10, 7
+        (13, 32, 65, 1, (6,), 1.0),  # a chunk per row
+        (13, 32, 65, 64, (6,), 0.5),  # one chunk larger than the batch
+        (3, 8, 50257, 2, (1,), 1.0),  # GPT-2's vocab, a chunk of 2 and one of 1
+    ],
+)
+def test_linear_cross_entropy_matches_reference(dtype, n_rows, n_embd, vocab, chunk_size, ignored, upstream):
+    hidden = torch.randn(n_rows, n_embd, device=DEVICE).to(dtype)
+    weight = (torch.randn(vocab, n_embd, device=DEVICE) / n_embd**0.5).to(dtype)
+    targets = make_targets((n_rows,), vocab, ignored)
+    (loss, gh, gw), (ref_loss, ref_gh, ref_gw) = run_linear(hidden, weight, targets, chunk_size, upstream)
+    tol = LINEAR_TOL[dtype]
+    assert loss.dtype == torch.float32 and gh.dtype == gw.dtype == dtype
+    close(loss, ref_loss, tol["loss"])
+    close(gh, ref_gh, tol["grad"])
+    close(gw, ref_gw, tol["grad"])
+    assert not gh[list(ignored)].any(), "ignored rows get no gradient"
+
+
+def test_linear_cross_entropy_3d_all_ignored_and_inputs_untouched():
+    hidden = torch.randn(2, 5, 16, device=DEVICE)
+    weight = torch.randn(65, 16, device=DEVICE) / 4
+    targets = make_targets((2, 5), 65)
+    targets[0] = IGNORE
+    kept = hidden.clone(), weight.clone()
+    (loss, gh, gw), (ref_loss, ref_gh, ref_gw) = run_linear(hidden, weight, targets, chunk_size=3)
+    assert torch.equal(hidden, kept[0]) and torch.equal(weight, kept[1])
+    tol = LINEAR_TOL[torch.float32]
+    close(loss, ref_loss, tol["loss"])
+    close(gh, ref_gh, tol["grad"])
+    close(gw, ref_gw, tol["grad"])
+
+    targets[:] = IGNORE
+    (loss, gh, gw), _ = run_linear(hidden, weight, targets, chunk_size=3)
+    assert loss.item() == 0.0 and not gh.any() and not gw.any()
+
+
+def test_tied_weight_gets_both_gradients():
+    """GPT ties the head to the token embedding: the weight's gradient is the sum of both uses,
+    here through a cast to bf16 as fastgpt.ops does under autocast."""
+    V, C, T = 65, 16, 11
+    emb = torch.nn.Embedding(V, C).to(DEVICE)
+    idx = torch.randint(0, V, (T,), device=DEVICE)
+    targets = make_targets((T,), V, (4,))
+    grads = []
+    for loss_fn in (ce.linear_cross_entropy, ce.linear_cross_entropy_reference):
+        emb.zero_grad()
+        hidden = torch.tanh(emb(idx))
+        loss_fn(hidden.bfloat16(), emb.weight.bfloat16(), targets, IGNORE).backward()
+        grads.append(emb.weight.grad.clone())
+    close(grads[0], grads[1], LINEAR_TOL[torch.bfloat16]["grad"])
+    assert grads[0][idx].abs().sum() > 0
+
+
+def test_linear_cross_entropy_without_grad_skips_the_gradients():
+    hidden, weight = torch.randn(9, 16, device=DEVICE), torch.randn(65, 16, device=DEVICE)
+    targets = make_targets((9,), 65, (2,))
+    loss, gh, gw = torch.ops.fastgpt.linear_cross_entropy(hidden, weight, targets, IGNORE, 4, False)
+    assert gh.numel() == gw.numel() == 0
+    close(loss, ce.linear_cross_entropy_reference(hidden, weight, targets, IGNORE), LINEAR_TOL[torch.float32]["loss"])
+    with torch.no_grad():
+        loss = ce.linear_cross_entropy(hidden.requires_grad_(), weight, targets, IGNORE)
+    assert not loss.requires_grad
+
+
+def test_default_chunk_bounds_the_logits_bytes():
+    n_rows, vocab = 16 * 1024, 50304  # GPT-2 124M at batch 16 x 1024
+    chunk = ce.default_chunk_size(n_rows, vocab, 2)
+    assert chunk * vocab * 2 <= ce.CHUNK_LOGITS_BYTES
+    assert chunk * vocab * 2 > ce.CHUNK_LOGITS_BYTES // 2  # not needlessly small
+    assert ce.default_chunk_size(7, 65, 4) == 7
+
+
+def test_linear_cross_entropy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"hidden \(4, 16\).*weight \(65, 8\)"):
+        ce.linear_cross_entropy(torch.randn(4, 16, device=DEVICE), torch.randn(65, 8, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="chunk_size 0"):
+        ce.linear_cross_entropy(torch.randn(4, 16, device=DEVICE), torch.randn(65, 16, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE), chunk_size=0)
+
+
+# --- torch.compile -----------------------------------------------------------------------------
+
+
+class TinyHead(torch.nn.Module):
+    """An LM head and its loss, through one of the two ops."""
+
+    def __init__(self, n_embd, vocab, fused):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(n_embd, vocab, bias=False)
+        self.fused = fused
+
+    def forward(self, hidden, targets):
+        if self.fused:
+            return ce.linear_cross_entropy(hidden, self.lm_head.weight, targets, IGNORE, 5)
+        return ce.cross_entropy(self.lm_head(hidden), targets, IGNORE)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
+def test_compiled_matches_eager(fused):
+    torch._dynamo.reset()
+    model = TinyHead(16, 65, fused).to(DEVICE)
+    hidden = torch.randn(13, 16, device=DEVICE)
+    targets = make_targets((13,), 65, (0, 7))
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        h = hidden.clone().requires_grad_()
+        loss = fn(h, targets)
+        (2 * loss).backward()
+        with torch.no_grad():
+            eval_loss = fn(hidden, targets)
+        results.append((loss.detach(), eval_loss, h.grad, model.lm_head.weight.grad.clone()))
+    for eager, compiled in zip(*results):
+        close(compiled, eager, CE_TOL[torch.float32]["grad"])
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak of the bytes torch's CPU allocator holds while fn runs, above what it held before:
+    the profiler's allocation and free events, summed in order. (Numpy buffers inside the Triton
+    interpreter are not torch allocations and do not count.)"""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations; the bench measures CUDA")
+def test_forward_and_backward_allocate_no_second_logits_buffer():
+    n_rows, vocab = 64, 50257
+    targets = make_targets((n_rows,), vocab, (5,))
+    logits = torch.randn(n_rows, vocab)
+    logits_bytes = logits.numel() * logits.element_size()
+
+    def fused():  # the gradient is the consumed logits' storage, scaled in place
+        ce.cross_entropy(logits.clone().requires_grad_(), targets, IGNORE).backward()
+
+    def unfused():  # the log-softmax saved for backward, then two more in backward
+        torch.nn.functional.cross_entropy(logits.clone().requires_grad_(), targets, ignore_index=IGNORE).backward()
+
+    # Both count the clone they consume (1x) and return the gradient with it; the rest is extra.
+    assert peak_allocated_bytes(fused) < 1.1 * logits_bytes
+    assert peak_allocated_bytes(unfused) > 3.9 * logits_bytes
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations; the bench measures CUDA")
+def test_linear_cross_entropy_never_forms_the_full_logits():
+    n_rows, n_embd, vocab, chunk = 256, 16, 4099, 32
+    hidden = torch.randn(n_rows, n_embd, requires_grad=True)
+    weight = torch.randn(vocab, n_embd, requires_grad=True)
+    targets = make_targets((n_rows,), vocab, (5,))
+    logits_bytes = n_rows * vocab * 4
+
+    def fused():
+        ce.linear_cross_entropy(hidden, weight, targets, IGNORE, chunk).backward()
+
+    def unfused():
+        ce.linear_cross_entropy_reference(hidden, weight, targets, IGNORE).backward()
+
+    # one chunk of logits, the fp32 grad_weight accumulator, grad_hidden, and the returned grads
+    budget = chunk * vocab * 4 + 2 * weight.numel() * 4 + 2 * hidden.numel() * 4
+    assert peak_allocated_bytes(fused) < 1.2 * budget < 0.5 * logits_bytes
+    assert peak_allocated_bytes(unfused) > 2 * logits_bytes
