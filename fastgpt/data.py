@@ -20,7 +20,7 @@ import threading
 import numpy as np
 import torch
 
-TOKEN_DTYPE = np.uint16
+from fastgpt.prepare import TOKEN_DTYPE  # the writer defines the file format
 # Scan for the largest token id this many tokens at a time (128 MiB of uint16), so validating a
 # many-GB file needs bounded memory.
 SCAN_CHUNK_TOKENS = 64 * 1024 * 1024

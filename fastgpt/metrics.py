@@ -105,22 +105,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return None
 
 
-class Throughput:
-    """Turns (tokens, seconds) of an optimizer step into tokens/s and MFU."""
-
-    def __init__(self, flops_per_token: int, peak: float | None):
-        self.flops_per_token = flops_per_token
-        self.peak = peak
-
-    def tokens_per_sec(self, tokens: int, seconds: float) -> float:
-        return tokens / seconds
-
-    def mfu(self, tokens: int, seconds: float) -> float | None:
-        if not self.peak:
-            return None
-        return self.flops_per_token * tokens / seconds / self.peak
-
-
 def describe_peak(device: torch.device, dtype: torch.dtype, peak: float | None) -> str:
     if peak is None:
         return f"MFU: no peak known for {device}; MFU not reported"

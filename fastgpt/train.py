@@ -113,7 +113,8 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     if dist_info.is_master:
         ensure_dataset(cfg.dataset, data_dir)
     distributed.barrier(dist_info)  # the other ranks wait for rank 0 to prepare the data
-    ensure_dataset(cfg.dataset, data_dir)
+    if not dist_info.is_master:
+        ensure_dataset(cfg.dataset, data_dir)  # a node without a shared disk prepares its own copy
     vocab_size = cfg.vocab_size or dataset_vocab_size(data_dir)
     splits = {s: open_tokens(data_dir / f"{s}.bin", vocab_size, cfg.block_size) for s in ("train", "val")}
 
