@@ -5,7 +5,7 @@
 #   python -m fastgpt.sample --out_dir=out-shakespeare-char
 #
 # Measured on a 2-core x86 CPU (AVX-512, no fast bf16, so fp32): val loss 1.58 at step 1,900
-# (1.604 at step 1,500), after 274-293 s of training plus 11-12 s of evaluation in two runs
+# (1.604 at step 1,500), after 274-293 s of training plus 11-12 s of evaluation in three runs
 # (~140-155 ms/iter, ~27-29k tok/s, ~50% MFU against the measured fp32 matmul peak); the
 # machine's speed drifted by 7% between those runs. For comparison, nanoGPT's README CPU recipe (4 layers, 128 wide, block 64,
 # batch 12, lr 1e-3, 2,000 steps) reaches 1.90 on this corpus in this trainer at 29 ms/iter
