@@ -129,8 +129,10 @@ class BatchStream:
     def __iter__(self):
         return self
 
-    def state_dict(self) -> dict:
-        return {"sequences": self.i * self.world_size * self.batch_size}
+    def state_dict(self, i: int | None = None) -> dict:
+        """The position before this rank's micro-batch i (default: the next one to draw), as the
+        global count of sequences all ranks have drawn by then."""
+        return {"sequences": (self.i if i is None else i) * self.world_size * self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         per_step = self.world_size * self.batch_size
@@ -194,8 +196,7 @@ class Prefetcher:
     next = __next__
 
     def state_dict(self) -> dict:
-        per_step = self.stream.world_size * self.stream.batch_size
-        return {"sequences": self.consumed * per_step}
+        return self.stream.state_dict(self.consumed)
 
     def load_state_dict(self, state: dict) -> None:
         self.close()
