@@ -158,7 +158,8 @@ def restore_training_state(
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: its optimizer state does not fit this model: {e}") from e
-    scaler.load_state_dict(checkpoint.get("scaler", {}))
+    if checkpoint.get("scaler"):  # absent in nanoGPT's checkpoints, empty from a disabled (bf16/fp32) scaler
+        scaler.load_state_dict(checkpoint["scaler"])
     for name, state in checkpoint.get("data", {}).items():
         if name in streams:
             streams[name].load_state_dict(state)

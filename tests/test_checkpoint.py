@@ -83,3 +83,19 @@ def test_mask_buffers_of_old_nanogpt_are_ignored():
     state = dict(model.state_dict())
     state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
     ckpt_io.load_model_state(model, state, "x.pt")
+
+
+def test_fp16_resume_from_a_checkpoint_without_scaler_state():
+    """nanoGPT's checkpoints have no scaler, and a bf16/fp32 run saves an empty one: an fp16 run
+    resuming from either starts a fresh GradScaler instead of failing."""
+    from fastgpt.distributed import DistInfo
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1))
+    for saved_scaler in ({}, None):
+        ck = {"optimizer": optimizer.state_dict(), "iter_num": 3, "best_val_loss": 2.0, "config": {}}
+        if saved_scaler is not None:
+            ck["scaler"] = saved_scaler
+        scaler = torch.amp.GradScaler("cpu", enabled=True)
+        assert ckpt_io.restore_training_state(ck, optimizer, scaler, {}, "x.pt", DistInfo()) == (3, 2.0)
+        assert scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
