@@ -137,8 +137,8 @@ def _adamw_chunk(
     grad_ptr,  # (numel,) PARAM_DTYPE
     exp_avg_ptr,  # (numel,) fp32, updated in place
     exp_avg_sq_ptr,  # (numel,) fp32, updated in place
-    offsets,  # (BLOCK,) int64 element offsets of this chunk
-    numel,  # () int64
+    offsets,  # (BLOCK,) int32 element offsets from the chunk's start
+    numel,  # () int64: elements from the chunk's start to the parameter's end
     decay,  # () fp32: 1 - lr * wd
     one_minus_beta1,  # () fp32
     beta2,  # () fp32
@@ -222,14 +222,20 @@ def _adamw_kernel(
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
     beta2_f32 = beta2.to(tl.float32)
 
-    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+    # The chunk's start moves the four base pointers (int64, once per program), so the per-element
+    # offsets stay int32: int64 offsets cost two registers per element per stream.
+    start = chunk * BLOCK
+    offsets = tl.arange(0, BLOCK)
+    remaining = numel - start
     # Only a parameter's last chunk needs a mask; the others keep their loads vectorizable.
-    if (chunk + 1) * BLOCK <= numel:
-        _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, numel, decay, one_minus_beta1,
-                     beta2_f32, one_minus_beta2, bias_correction2_sqrt, eps, step_size, PARAM_DTYPE, MASKED=False)
+    if remaining >= BLOCK:
+        _adamw_chunk(param_ptr + start, grad_ptr + start, exp_avg_ptr + start, exp_avg_sq_ptr + start, offsets,
+                     remaining, decay, one_minus_beta1, beta2_f32, one_minus_beta2, bias_correction2_sqrt, eps,
+                     step_size, PARAM_DTYPE, MASKED=False)
     else:
-        _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, numel, decay, one_minus_beta1,
-                     beta2_f32, one_minus_beta2, bias_correction2_sqrt, eps, step_size, PARAM_DTYPE, MASKED=True)
+        _adamw_chunk(param_ptr + start, grad_ptr + start, exp_avg_ptr + start, exp_avg_sq_ptr + start, offsets,
+                     remaining, decay, one_minus_beta1, beta2_f32, one_minus_beta2, bias_correction2_sqrt, eps,
+                     step_size, PARAM_DTYPE, MASKED=True)
 
 
 # ---------------------------------------------------------------------------------------------
