@@ -78,12 +78,19 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
 
 def triton_ops() -> Ops:
     from kernels import adamw, cross_entropy, layernorm  # only here: importing triton needs a driver or the interpreter
+    from kernels.common import MAX_FUSED_BLOCK
 
+    # Rows wider than one program holds (n_embd > MAX_FUSED_BLOCK) take torch's LayerNorm: the
+    # same function and parameters, so nothing else changes.
     def add_layer_norm(x, residual, weight, bias):
+        if x.shape[-1] > MAX_FUSED_BLOCK:
+            return _torch_add_layer_norm(x, residual, weight, bias)
         # The residual stream keeps its dtype (fp32 under autocast); the branch output joins it.
         return layernorm.add_layer_norm(x, residual.to(x.dtype), weight, bias, LN_EPS)
 
     def layer_norm(x, weight, bias):
+        if x.shape[-1] > MAX_FUSED_BLOCK:
+            return _torch_layer_norm(x, weight, bias)
         return layernorm.layer_norm(x, weight, bias, LN_EPS)
 
     def head_and_loss(hidden, weight, targets):

@@ -54,6 +54,26 @@ def test_same_loss_and_gradients(bias):
         torch.testing.assert_close(grads_b[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_rows_wider_than_one_program_go_to_torch(monkeypatch):
+    from kernels import layernorm
+    from kernels.common import MAX_FUSED_BLOCK
+
+    ops = get_ops("triton")
+    calls = []
+    monkeypatch.setattr(layernorm, "layer_norm", lambda *a: calls.append("ln") or TORCH_OPS.layer_norm(*a[:3]))
+    monkeypatch.setattr(layernorm, "add_layer_norm", lambda *a: calls.append("add") or TORCH_OPS.add_layer_norm(*a[:4]))
+    for width, routed in ((MAX_FUSED_BLOCK, ["ln", "add"]), (MAX_FUSED_BLOCK + 1, [])):
+        calls.clear()
+        x, r = torch.randn(2, width), torch.randn(2, width)
+        w, b = torch.rand(width) + 0.5, torch.randn(width)
+        torch.testing.assert_close(ops.layer_norm(x, w, b), TORCH_OPS.layer_norm(x, w, b))
+        s, y = ops.add_layer_norm(x, r, w, b)
+        s_ref, y_ref = TORCH_OPS.add_layer_norm(x, r, w, b)
+        torch.testing.assert_close(s, s_ref)
+        torch.testing.assert_close(y, y_ref)
+        assert calls == routed, width
+
+
 def test_triton_model_compiles_without_graph_breaks():
     _, b = pair()
     compiled = torch.compile(b, fullgraph=True)
