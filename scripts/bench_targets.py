@@ -1,0 +1,94 @@
+"""The kernel targets of the Triton work, read off one pytest-benchmark JSON file.
+
+    python scripts/bench_targets.py bench.json
+
+Every ratio compares two providers timed in the same run (medians), so machine drift between
+runs cancels. A target whose benchmarks are missing (the triton provider is skipped without
+CUDA) is reported as not measured, never as met.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    test: str  # benchmark function name
+    mode: str | None  # its `mode` parameter, if it has one
+    baseline: str  # the provider triton is compared with
+    goal: float
+    metric: str = "time"  # "time": baseline median / triton median; "memory": triton peak / baseline peak
+
+    @property
+    def goal_text(self) -> str:
+        return f">= {self.goal:g}x faster" if self.metric == "time" else f"<= {self.goal:g}x the memory"
+
+
+TARGETS = [
+    Target("LayerNorm fwd+bwd vs torch eager", "test_layer_norm", "forward+backward", "eager", 1.5),
+    Target("LayerNorm fwd+bwd vs torch.compile", "test_layer_norm", "forward+backward", "compiled", 1.0),
+    Target("cross-entropy fwd+bwd vs torch eager", "test_cross_entropy", "forward+backward", "eager", 2.0),
+    Target("cross-entropy fwd+bwd peak memory vs eager", "test_cross_entropy", "forward+backward", "eager", 0.5,
+           metric="memory"),
+    Target("AdamW step vs torch fused AdamW", "test_adamw_step", None, "fused", 1.0),
+]
+
+
+def index(report: dict) -> dict[tuple[str, str | None, str], dict]:
+    """(test, mode, provider) -> benchmark entry."""
+    out = {}
+    for bench in report.get("benchmarks", []):
+        params = bench.get("params") or {}
+        out[(bench["name"].split("[")[0], params.get("mode"), params.get("provider"))] = bench
+    return out
+
+
+def evaluate(report: dict) -> list[tuple[Target, float | None, str]]:
+    """(target, measured ratio or None, verdict) for each target."""
+    benches = index(report)
+    rows = []
+    for t in TARGETS:
+        ours = benches.get((t.test, t.mode, "triton"))
+        base = benches.get((t.test, t.mode, t.baseline))
+        ratio = None
+        if ours and base:
+            if t.metric == "time":
+                ratio = base["stats"]["median"] / ours["stats"]["median"]
+            else:
+                peaks = ours["extra_info"].get("peak_mb"), base["extra_info"].get("peak_mb")
+                ratio = peaks[0] / peaks[1] if None not in peaks and peaks[1] else None
+        if ratio is None:
+            verdict = "not measured"
+        else:
+            met = ratio >= t.goal if t.metric == "time" else ratio <= t.goal
+            verdict = "met" if met else "MISSED"
+        rows.append((t, ratio, verdict))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[2].strip())
+        return 2
+    with open(argv[0]) as f:
+        report = json.load(f)
+    machine = report.get("machine_info", {}).get("node", "?")
+    print(f"kernel targets from {argv[0]} ({machine})")
+    for t, ratio, verdict in evaluate(report):
+        measured = "-" if ratio is None else f"{ratio:.2f}x"
+        print(f"  {t.what:<44} {measured:>7}  goal {t.goal_text:<22} {verdict}")
+    print("  medians, ms:")
+    for (test, mode, provider), bench in sorted(index(report).items(), key=lambda kv: tuple(map(str, kv[0]))):
+        extra = bench.get("extra_info", {})
+        shown = {k: extra[k] for k in ("gb_per_s", "gbps", "tflops", "peak_mb", "tokens_per_s", "mfu") if k in extra}
+        label = " ".join(x for x in (test, mode, provider) if x)
+        print(f"    {label:<52} {bench['stats']['median'] * 1e3:9.3f}  {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,54 @@
+"""scripts/bench_targets.py: the kernel targets read off a pytest-benchmark report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_targets", ROOT / "scripts" / "bench_targets.py")
+bench_targets = importlib.util.module_from_spec(spec)
+sys.modules["bench_targets"] = bench_targets  # dataclasses look their module up there
+spec.loader.exec_module(bench_targets)
+
+
+def entry(test, provider, median, mode=None, **extra):
+    params = {"provider": provider} | ({"mode": mode} if mode else {})
+    name = f"{test}[{provider}{'-' + mode if mode else ''}]"
+    return {"name": name, "params": params, "stats": {"median": median}, "extra_info": extra}
+
+
+def report():
+    both = "forward+backward"
+    return {"benchmarks": [
+        entry("test_layer_norm", "triton", 1.0, both),
+        entry("test_layer_norm", "eager", 2.0, both),  # 2x: met
+        entry("test_layer_norm", "compiled", 0.9, both),  # 0.9x: missed
+        entry("test_layer_norm", "eager", 5.0, "forward"),  # another mode: ignored
+        entry("test_cross_entropy", "triton", 1.0, both, peak_mb=1700.0),
+        entry("test_cross_entropy", "eager", 1.9, both, peak_mb=3400.0),  # 1.9x: missed; memory 0.5x: met
+        entry("test_adamw_step", "fused", 1.0),  # no triton provider: not measured
+        entry("test_adamw_step", "foreach", 2.0),
+    ]}
+
+
+def test_verdicts():
+    rows = {t.what: (ratio, verdict) for t, ratio, verdict in bench_targets.evaluate(report())}
+    assert rows["LayerNorm fwd+bwd vs torch eager"] == (2.0, "met")
+    assert rows["LayerNorm fwd+bwd vs torch.compile"][1] == "MISSED"
+    assert abs(rows["LayerNorm fwd+bwd vs torch.compile"][0] - 0.9) < 1e-12
+    assert rows["cross-entropy fwd+bwd vs torch eager"][1] == "MISSED"
+    assert rows["cross-entropy fwd+bwd peak memory vs eager"] == (0.5, "met")
+    assert rows["AdamW step vs torch fused AdamW"] == (None, "not measured")
+
+
+def test_cli_prints_every_target(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(report()))
+    assert bench_targets.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("met") >= 2 and "not measured" in out and "MISSED" in out
+    assert "test_layer_norm forward+backward triton" in out
+    assert bench_targets.main([]) == 2
