@@ -3,8 +3,10 @@
     pytest bench/test_bench_train_step.py --benchmark-only
 
 Providers, measured in the same run so their ratio means something:
-  fastgpt    what `python -m fastgpt.train` does: fused AdamW, autocast dtype picked by
-             `dtype='auto'` (fp32 on a CPU without fast bf16), exact GELU, flash SDPA
+  fastgpt    what `python -m fastgpt.train` does with its defaults: kernels='auto' (Triton
+             LayerNorm, fused head + loss and AdamW on CUDA; torch and fused AdamW elsewhere),
+             compile='auto' (torch.compile on CUDA), autocast dtype picked by dtype='auto' (fp32
+             on a CPU without fast bf16), exact GELU, flash SDPA
   reference  nanoGPT's CPU path in plain PyTorch: fp32, foreach (unfused) AdamW
 
 Each result carries tokens/s and MFU in `extra_info`; MFU is against this machine's measured
@@ -21,6 +23,7 @@ import torch
 from fastgpt.config import read_config_file
 from fastgpt.metrics import peak_flops
 from fastgpt.model import GPT, GPTConfig
+from fastgpt.ops import TORCH_OPS, get_ops, resolve_kernels
 from fastgpt.optim import make_optimizer, param_groups
 from fastgpt.runtime import autocast, resolve_device, resolve_dtype
 
@@ -34,19 +37,22 @@ def build(provider: str):
     cfg = read_config_file(CONFIG)
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device) if provider == "fastgpt" else torch.float32
+    ops = get_ops(resolve_kernels("auto", device)) if provider == "fastgpt" else TORCH_OPS
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB, n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, bias=False)).to(device)
+                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, bias=False), ops).to(device)
     if provider == "fastgpt":
-        opt = make_optimizer(model, 0.1, 1e-3, (0.9, 0.99), device.type)
+        opt = make_optimizer(model, 0.1, 1e-3, (0.9, 0.99), device.type, ops.optimizer)
     else:
         opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.99), foreach=True)
+    # The trainer's compile='auto': compiled on CUDA (the warmup rounds absorb the compile).
+    forward = torch.compile(model) if provider == "fastgpt" and device.type == "cuda" else model
     x = torch.randint(0, VOCAB, (cfg["batch_size"], cfg["block_size"]), device=device)
     y = torch.randint(0, VOCAB, (cfg["batch_size"], cfg["block_size"]), device=device)
 
     def step():
         with autocast(device, dtype):
-            _, loss = model(x, y)
+            _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -56,17 +62,19 @@ def build(provider: str):
 
     tokens = x.numel()
     flops = model.flops_per_token() * tokens
-    return step, tokens, flops, peak_flops(device, dtype), dtype
+    return step, tokens, flops, peak_flops(device, dtype), dtype, ops.name, forward is not model
 
 
 @pytest.mark.benchmark(group="train_step")
 @pytest.mark.parametrize("provider", ["fastgpt", "reference"])
 def test_train_step(benchmark, provider):
-    step, tokens, flops, peak, dtype = build(provider)
+    step, tokens, flops, peak, dtype, kernels, compiled = build(provider)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(
         dtype=str(dtype).removeprefix("torch."),
+        kernels=kernels,
+        compiled=compiled,
         tokens_per_s=round(tokens / seconds),
         mfu=round(flops / seconds / peak, 4) if peak else None,
         peak_tflops=peak / 1e12 if peak else None,
