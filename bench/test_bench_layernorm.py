@@ -7,6 +7,9 @@ Providers, measured in the same run so their ratio means something:
   eager      torch.nn.functional.layer_norm
   compiled   torch.compile(F.layer_norm): inductor's generated kernels
 
+A fourth group times the Triton backward alone with the grids kernels.layernorm.backward_grid can
+choose (enough programs for 4, 8, 16 or 32 resident warps an SM), to check its default on a GPU.
+
 Modes, one benchmark group each: forward (with autograd recording, as in training), backward
 (torch.autograd.grad of a kept graph: no .grad accumulation is timed), forward+backward.
 
@@ -78,13 +81,7 @@ def build(provider: str, mode: str):
     return round_of_calls
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_layer_norm(benchmark, provider, mode):
-    if provider == "triton" and not CUDA:
-        pytest.skip("triton provider needs CUDA: the CPU interpreter is not a performance number")
-    benchmark.group = f"layer_norm {mode} ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')} {DEVICE}"
-    benchmark.pedantic(build(provider, mode), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+def record(benchmark, mode: str, **extra) -> None:
     seconds_per_call = benchmark.stats.stats.median / CALLS_PER_ROUND
     nbytes = BYTES_PER_ELEMENT[mode] * ROWS * COLS * DTYPE.itemsize
     benchmark.extra_info.update(
@@ -93,4 +90,31 @@ def test_layer_norm(benchmark, provider, mode):
         calls_per_round=CALLS_PER_ROUND,
         ms_per_call=round(seconds_per_call * 1e3, 4),
         gb_per_s=round(nbytes / seconds_per_call / 1e9, 1),
+        **extra,
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_layer_norm(benchmark, provider, mode):
+    if provider == "triton" and not CUDA:
+        pytest.skip("triton provider needs CUDA: the CPU interpreter is not a performance number")
+    benchmark.group = f"layer_norm {mode} ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')} {DEVICE}"
+    benchmark.pedantic(build(provider, mode), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    record(benchmark, mode)
+
+
+@pytest.mark.skipif(not CUDA, reason="times the Triton backward's grid on a GPU")
+@pytest.mark.parametrize("resident_warps", [4, 8, 16, 32])
+def test_layer_norm_backward_grid(benchmark, monkeypatch, resident_warps):
+    """The Triton backward with enough programs for `resident_warps` warps an SM (4: one program
+    an SM at this width, Liger-Kernel's grid; 32: the default, kernels.layernorm.backward_grid)."""
+    import kernels.layernorm as ln
+
+    monkeypatch.setattr(ln, "BWD_RESIDENT_WARPS", resident_warps)
+    benchmark.group = f"layer_norm backward grid ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')}"
+    benchmark.pedantic(build("triton", "backward"), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    block, warps = ln._launch_config(COLS)
+    programs, rows_per_program = ln.backward_grid(ROWS, warps, sms)
+    record(benchmark, "backward", resident_warps=resident_warps, programs=programs, rows_per_program=rows_per_program)

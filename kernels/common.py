@@ -55,11 +55,3 @@ def as_2d(x: torch.Tensor) -> torch.Tensor:
 # how a kernel splits its rows between programs, and each extra one costs test time.
 INTERPRET_PROGRAMS = 4
 
-
-def persistent_programs(device: torch.device | str) -> int:
-    """Programs to launch for a kernel that loops over rows and keeps per-program partial sums:
-    one per SM on CUDA (every SM busy, few partials to reduce), INTERPRET_PROGRAMS elsewhere."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRET_PROGRAMS

@@ -15,9 +15,10 @@ Backward, with g = w * dy per row:
     dx = rstd * (g - sum_j(g_j) / N - xhat * sum_j(g_j * xhat_j) / N)
     dw = sum over rows of dy * xhat             db = sum over rows of dy
 
-dw and db are sums over all M rows: each of G programs (one per SM) takes a contiguous group of
-rows, accumulates its partial sums in fp32 registers and writes one row of a (G, N) buffer;
-torch sums the G partials afterwards. No atomics, and the result does not depend on scheduling.
+dw and db are sums over all M rows: each of G programs (on CUDA, enough for 32 resident warps
+an SM; see backward_grid) takes a contiguous group of rows, accumulates its partial sums in fp32
+registers and writes one row of a (G, N) buffer; torch sums the G partials afterwards. No
+atomics, and the result does not depend on scheduling.
 
 Fused residual (llm.c's fused_residual_forward; the GPT-2 block `x = x + attn(ln_1(x))` followed
 by `ln_2(x)`): s = x + residual is rounded to the input dtype, written out, and normalized in the
@@ -30,7 +31,7 @@ ds is the gradient arriving from the next residual add, dy the one through the n
 inputs of the add get the same gradient, so the op returns one tensor for both.
 
 Bytes moved per element (e = bytes per input element; weight, bias and statistics are O(N + M)
-and left out, as are the G x N fp32 partials of dw/db, G ~ the SM count, small when M >> G):
+and left out, as are the G x N fp32 partials of dw/db, small when M >> G):
 
     layer_norm        forward  read x, write y               2e
                       backward read x, dy, write dx           3e
@@ -54,9 +55,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import MAX_FUSED_BLOCK, as_2d, next_power_of_2, num_warps_for, persistent_programs
+from kernels.common import INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, next_power_of_2, num_warps_for
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The backward's grid on CUDA (see backward_grid): warps an SM to keep busy, and the fewest rows a
+# program takes, so that the partial sums stay small beside the rows.
+BWD_RESIDENT_WARPS = 32
+MIN_ROWS_PER_PROGRAM = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +204,28 @@ def _launch_config(n: int) -> tuple[int, int]:
     return block, num_warps_for(block)
 
 
+def backward_grid(m: int, warps: int, sms: int | None) -> tuple[int, int]:
+    """(programs, rows_per_program) for the backward over m rows: each program takes a
+    contiguous group of rows, one row at a time, and keeps its dw/db partial sums in registers.
+
+    On CUDA (sms = the SM count): one program per SM (Liger-Kernel's grid) would leave 4 warps an
+    SM at GPT-2's width, each waiting on one row's loads at a time. Instead, enough programs for
+    BWD_RESIDENT_WARPS warps an SM, registers permitting (at N = 768: 8 programs of 4 warps at
+    <= 64 registers a thread, what scripts/compile_check.py reports), so several rows are in
+    flight per SM. The price is more partial rows for torch to sum, G x N fp32 for dw and for db:
+    at (16384, 768) in bf16 on 132 SMs, G = 1024 and the partials are 6.3 MB written and read
+    back, beside the 75 MB the rows move; MIN_ROWS_PER_PROGRAM bounds them for small M. Not yet
+    timed on a GPU: bench/test_bench_layernorm.py times this grid against one program per SM.
+    Elsewhere (the interpreter): INTERPRET_PROGRAMS programs, enough to test the reduction."""
+    if sms is None:
+        programs = min(INTERPRET_PROGRAMS, max(m, 1))
+    else:
+        programs = max(1, min(sms * max(1, BWD_RESIDENT_WARPS // warps), triton.cdiv(m, MIN_ROWS_PER_PROGRAM)))
+    rows_per_program = triton.cdiv(m, programs)
+    # Recounted so that no program is left empty.
+    return (triton.cdiv(m, rows_per_program) if m > 0 else 1), rows_per_program
+
+
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
                        residual: Optional[torch.Tensor] = None):
     """(s, y, mean, rstd): s = x + residual (None without residual), y = LayerNorm(s or x) in x's
@@ -255,13 +282,12 @@ def layer_norm_backward(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.T
     mean = mean.contiguous()
     rstd = rstd.contiguous()
     dx2 = torch.empty_like(x2)
-    # Each program takes a contiguous group of rows; recounted so that no program is left empty.
-    rows_per_program = triton.cdiv(m, min(persistent_programs(x.device), max(m, 1)))
-    programs = triton.cdiv(m, rows_per_program) if m > 0 else 1
+    block, warps = _launch_config(n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else None
+    programs, rows_per_program = backward_grid(m, warps, sms)
     dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
     db_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
     if m > 0:
-        block, warps = _launch_config(n)
         ds_arg = ds2 if ds2 is not None else dy2
         db_arg = db_partial if db_partial is not None else dw_partial
         _layer_norm_bwd_kernel[(programs,)](

@@ -82,11 +82,11 @@ def main(argv: list[str]) -> int:
         measured = "-" if ratio is None else f"{ratio:.2f}x"
         print(f"  {t.what:<44} {measured:>7}  goal {t.goal_text:<22} {verdict}")
     print("  medians, ms:")
-    for (test, mode, provider), bench in sorted(index(report).items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for bench in sorted(report.get("benchmarks", []), key=lambda b: b["name"]):
         extra = bench.get("extra_info", {})
-        shown = {k: extra[k] for k in ("gb_per_s", "gbps", "tflops", "peak_mb", "tokens_per_s", "mfu") if k in extra}
-        label = " ".join(x for x in (test, mode, provider) if x)
-        print(f"    {label:<52} {bench['stats']['median'] * 1e3:9.3f}  {shown}")
+        shown = {k: extra[k] for k in ("gb_per_s", "gbps", "tflops", "peak_mb", "tokens_per_s", "mfu", "programs")
+                 if k in extra}
+        print(f"    {bench['name']:<56} {bench['stats']['median'] * 1e3:9.3f}  {shown}")
     return 0
 
 

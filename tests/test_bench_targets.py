@@ -50,5 +50,5 @@ def test_cli_prints_every_target(tmp_path, capsys):
     assert bench_targets.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert out.count("met") >= 2 and "not measured" in out and "MISSED" in out
-    assert "test_layer_norm forward+backward triton" in out
+    assert "test_layer_norm[triton-forward+backward]" in out
     assert bench_targets.main([]) == 2

@@ -235,3 +235,22 @@ def test_compile_fullgraph_matches_eager():
         results.append([*outputs, xi.grad] + [p.grad.clone() for p in block.parameters()])
     names = ["s", "y", "dx"] + [f"d{name}" for name, _ in block.named_parameters()]
     assert_all_close("add_layer_norm", torch.float32, results[1], results[0], names)
+
+
+@pytest.mark.parametrize("m, warps, sms", [(16384, 4, 132), (100, 4, 132), (1, 4, 132), (16384, 16, 132),
+                                           (5000, 8, 114), (7, 4, None), (2048, 4, None)])
+def test_backward_grid_gives_every_program_rows_and_every_row_a_program(m, warps, sms):
+    from kernels.layernorm import BWD_RESIDENT_WARPS, MIN_ROWS_PER_PROGRAM, backward_grid
+
+    programs, rows = backward_grid(m, warps, sms)
+    assert (programs - 1) * rows < m <= programs * rows
+    if sms is not None:
+        assert programs <= sms * max(1, BWD_RESIDENT_WARPS // warps)
+        assert rows >= MIN_ROWS_PER_PROGRAM or programs == 1
+
+
+def test_backward_grid_at_gpt2_shape():
+    from kernels.layernorm import backward_grid
+
+    assert backward_grid(16384, 4, 132) == (1024, 16)  # batch 16 x 1024 at width 768 on an H100's 132 SMs
+    assert backward_grid(0, 4, 132) == (1, 0)  # no rows: one program's zero partials
