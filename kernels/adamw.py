@@ -132,25 +132,18 @@ def _to_bf16_rne(
 
 
 @triton.jit
-def _adamw_chunk(
-    param_ptr,  # (numel,) PARAM_DTYPE, updated in place
-    grad_ptr,  # (numel,) PARAM_DTYPE
-    exp_avg_ptr,  # (numel,) fp32, updated in place
-    exp_avg_sq_ptr,  # (numel,) fp32, updated in place
-    offsets,  # (BLOCK,) int32 element offsets from the chunk's start
-    numel,  # () int64: elements from the chunk's start to the parameter's end
-    decay,  # () fp32: 1 - lr * wd
-    one_minus_beta1,  # () fp32
-    beta2,  # () fp32
-    one_minus_beta2,  # () fp32
-    bias_correction2_sqrt,  # () fp32
-    eps,  # () fp32
-    step_size,  # () fp32: lr / (1 - beta1^t)
-    PARAM_DTYPE: tl.constexpr,
-    MASKED: tl.constexpr,  # the chunk runs past numel
+def _load_chunk(
+    param_ptr,  # PARAM_DTYPE pointers at the chunk's first element
+    grad_ptr,
+    exp_avg_ptr,  # fp32
+    exp_avg_sq_ptr,  # fp32
+    offsets,  # (BLOCK,) int32
+    remaining,  # () int64: elements from the chunk's start to the parameter's end
+    MASKED: tl.constexpr,  # the chunk runs past the parameter's end
 ):
+    """(p, g, m, v) of one chunk in fp32. Unmasked loads stay vectorizable (16-byte accesses)."""
     if MASKED:
-        mask = offsets < numel
+        mask = offsets < remaining
         p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
@@ -160,19 +153,14 @@ def _adamw_chunk(
         g = tl.load(grad_ptr + offsets).to(tl.float32)
         m = tl.load(exp_avg_ptr + offsets)
         v = tl.load(exp_avg_sq_ptr + offsets)
+    return p, g, m, v
 
-    p = p * decay
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + one_minus_beta2 * g * g
-    # IEEE sqrt and division (Triton's defaults are approximate on CUDA) to track torch's update.
-    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    p = p - tl.div_rn(step_size * m, denom)
-    if PARAM_DTYPE == tl.bfloat16:
-        p = _to_bf16_rne(p)
-    else:
-        p = p.to(PARAM_DTYPE)  # fp16: the interpreter's numpy cast rounds to nearest even too
 
+@triton.jit
+def _store_chunk(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, remaining, p, m, v, MASKED: tl.constexpr):
+    """Write back one chunk: p (already in PARAM_DTYPE), m and v (fp32)."""
     if MASKED:
+        mask = offsets < remaining
         tl.store(param_ptr + offsets, p, mask=mask)
         tl.store(exp_avg_ptr + offsets, m, mask=mask)
         tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
@@ -206,6 +194,23 @@ def _adamw_kernel(
         grad_ptr = tl.multiple_of(grad_ptr, 16)
         exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
         exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+    # The chunk's start moves the four base pointers (int64, once per program), so the per-element
+    # offsets stay int32: int64 offsets cost two registers per element per stream.
+    start = chunk * BLOCK
+    param_ptr += start
+    grad_ptr += start
+    exp_avg_ptr += start
+    exp_avg_sq_ptr += start
+    offsets = tl.arange(0, BLOCK)
+    remaining = numel - start
+    # Only a parameter's last chunk needs a mask. The element loads are issued before the scalar
+    # work below (the step load and the fp64 bias corrections), so that work overlaps their
+    # latency instead of preceding it (the sm_90 SASS shows the loads first).
+    full = remaining >= BLOCK
+    if full:
+        p, g, m, v = _load_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, remaining, MASKED=False)
+    else:
+        p, g, m, v = _load_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, remaining, MASKED=True)
 
     # Per-tensor scalars, in fp64 as torch forms them in Python floats, rounded once to fp32.
     lr = tl.load(hyper_ptr + 0)
@@ -218,24 +223,22 @@ def _adamw_kernel(
     step_size = (lr / (1.0 - beta1_t)).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(1.0 - beta2_t).to(tl.float32)
     decay = (1.0 - lr * weight_decay).to(tl.float32)
-    one_minus_beta1 = (1.0 - beta1).to(tl.float32)
-    one_minus_beta2 = (1.0 - beta2).to(tl.float32)
-    beta2_f32 = beta2.to(tl.float32)
 
-    # The chunk's start moves the four base pointers (int64, once per program), so the per-element
-    # offsets stay int32: int64 offsets cost two registers per element per stream.
-    start = chunk * BLOCK
-    offsets = tl.arange(0, BLOCK)
-    remaining = numel - start
-    # Only a parameter's last chunk needs a mask; the others keep their loads vectorizable.
-    if remaining >= BLOCK:
-        _adamw_chunk(param_ptr + start, grad_ptr + start, exp_avg_ptr + start, exp_avg_sq_ptr + start, offsets,
-                     remaining, decay, one_minus_beta1, beta2_f32, one_minus_beta2, bias_correction2_sqrt, eps,
-                     step_size, PARAM_DTYPE, MASKED=False)
+    p = p * decay
+    m = m + (1.0 - beta1).to(tl.float32) * (g - m)
+    v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
+    # IEEE sqrt and division (Triton's defaults are approximate on CUDA) to track torch's update.
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - tl.div_rn(step_size * m, denom)
+    if PARAM_DTYPE == tl.bfloat16:
+        p = _to_bf16_rne(p)
     else:
-        _adamw_chunk(param_ptr + start, grad_ptr + start, exp_avg_ptr + start, exp_avg_sq_ptr + start, offsets,
-                     remaining, decay, one_minus_beta1, beta2_f32, one_minus_beta2, bias_correction2_sqrt, eps,
-                     step_size, PARAM_DTYPE, MASKED=True)
+        p = p.to(PARAM_DTYPE)  # fp16: the interpreter's numpy cast rounds to nearest even too
+
+    if full:
+        _store_chunk(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, remaining, p, m, v, MASKED=False)
+    else:
+        _store_chunk(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, remaining, p, m, v, MASKED=True)
 
 
 # ---------------------------------------------------------------------------------------------
