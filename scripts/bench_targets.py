@@ -1,6 +1,9 @@
-"""The kernel targets of the Triton work, read off one pytest-benchmark JSON file.
+"""The kernel targets of the Triton work, read off pytest-benchmark JSON files.
 
-    python scripts/bench_targets.py bench.json
+    python scripts/bench_targets.py [--merge MERGED.json] BENCH.json...
+
+Several files (one per benchmark file, as scripts/gpu_check.sh writes them) are read as one
+report; --merge also writes that report to MERGED.json.
 
 Every ratio compares two providers timed in the same run (medians), so machine drift between
 runs cancels. A target whose benchmarks are missing (the triton provider is skipped without
@@ -9,6 +12,7 @@ CUDA) is reported as not measured, never as met.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -25,7 +29,9 @@ class Target:
 
     @property
     def goal_text(self) -> str:
-        return f">= {self.goal:g}x faster" if self.metric == "time" else f"<= {self.goal:g}x the memory"
+        if self.metric == "memory":
+            return f"<= {self.goal:g}x the memory"
+        return "no slower" if self.goal == 1.0 else f">= {self.goal:g}x faster"
 
 
 TARGETS = [
@@ -70,14 +76,31 @@ def evaluate(report: dict) -> list[tuple[Target, float | None, str]]:
     return rows
 
 
+def merge(reports: list[dict]) -> dict:
+    """One report holding every benchmark of `reports`, with the first one's machine and commit."""
+    merged = {k: v for k, v in (reports[0] if reports else {}).items() if k != "benchmarks"}
+    merged["benchmarks"] = [b for r in reports for b in r.get("benchmarks", [])]
+    return merged
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip().splitlines()[2].strip())
-        return 2
-    with open(argv[0]) as f:
-        report = json.load(f)
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--merge", metavar="MERGED", help="also write the merged report here")
+    parser.add_argument("reports", nargs="+", metavar="BENCH.json")
+    args = parser.parse_args(argv)
+    reports = []
+    for path in args.reports:
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:  # a benchmark file cut off by its time cap
+            print(f"skipping {path}: {e}")
+    report = merge(reports)
+    if args.merge:
+        with open(args.merge, "w") as f:
+            json.dump(report, f, indent=1)
     machine = report.get("machine_info", {}).get("node", "?")
-    print(f"kernel targets from {argv[0]} ({machine})")
+    print(f"kernel targets from {len(reports)} report(s) ({machine})")
     for t, ratio, verdict in evaluate(report):
         measured = "-" if ratio is None else f"{ratio:.2f}x"
         print(f"  {t.what:<44} {measured:>7}  goal {t.goal_text:<22} {verdict}")

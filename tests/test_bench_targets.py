@@ -7,6 +7,8 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_targets", ROOT / "scripts" / "bench_targets.py")
 bench_targets = importlib.util.module_from_spec(spec)
@@ -44,11 +46,17 @@ def test_verdicts():
     assert rows["AdamW step vs torch fused AdamW"] == (None, "not measured")
 
 
-def test_cli_prints_every_target(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(report()))
-    assert bench_targets.main([str(path)]) == 0
+def test_cli_merges_reports_and_prints_every_target(tmp_path, capsys):
+    benches = report()["benchmarks"]
+    first, second, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "merged.json"
+    first.write_text(json.dumps({"machine_info": {"node": "gpu-box"}, "benchmarks": benches[:4]}))
+    second.write_text(json.dumps({"benchmarks": benches[4:]}))
+    cut_off = tmp_path / "cut.json"  # a benchmark run killed at its cap leaves no file
+    assert bench_targets.main(["--merge", str(merged), str(first), str(second), str(cut_off)]) == 0
     out = capsys.readouterr().out
-    assert out.count("met") >= 2 and "not measured" in out and "MISSED" in out
+    assert f"skipping {cut_off}" in out and "2 report(s) (gpu-box)" in out
+    assert out.count(" met") == 2 and out.count("MISSED") == 2 and "not measured" in out
     assert "test_layer_norm[triton-forward+backward]" in out
-    assert bench_targets.main([]) == 2
+    assert json.loads(merged.read_text())["benchmarks"] == benches
+    with pytest.raises(SystemExit):
+        bench_targets.main([])
