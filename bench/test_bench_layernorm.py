@@ -7,7 +7,12 @@ Providers, measured in the same run so their ratio means something:
   eager      torch.nn.functional.layer_norm
   compiled   torch.compile(F.layer_norm): inductor's generated kernels
 
-A fourth group times the Triton backward alone with the grids kernels.layernorm.backward_grid can
+On CUDA, forward and forward+backward are also timed from a CUDA graph (timing "graph": the
+same round of calls captured once and replayed), which is the GPU's time for the kernels alone:
+a (16384, 768) LayerNorm takes tens of microseconds on an H100, less than the Python that
+launches it, so wall time ("wall") measures the host as much as the kernel. Both are reported.
+
+A further group times the Triton forward+backward (graph) with the backward grids kernels.layernorm.backward_grid can
 choose (enough programs for 4, 8, 16 or 32 resident warps an SM), to check its default on a GPU.
 
 Modes, one benchmark group each: forward (with autograd recording, as in training), backward
@@ -40,6 +45,7 @@ EPS = 1e-5
 BYTES_PER_ELEMENT = {"forward": 2, "backward": 3, "forward+backward": 5}  # times e, the element size
 PROVIDERS = ["triton", "eager", "compiled"]
 MODES = list(BYTES_PER_ELEMENT)
+TIMINGS = ["wall", "graph"] if CUDA else ["wall"]
 
 
 def layer_norm_for(provider: str):
@@ -53,8 +59,9 @@ def layer_norm_for(provider: str):
     return torch.compile(eager, fullgraph=True) if provider == "compiled" else eager
 
 
-def build(provider: str, mode: str):
-    """A function doing CALLS_PER_ROUND calls of `mode` and waiting for them."""
+def build(provider: str, mode: str, timing: str = "wall"):
+    """A function doing CALLS_PER_ROUND calls of `mode` (replayed from a CUDA graph when timing
+    is "graph") and waiting for them."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(ROWS, COLS, generator=g) * 2 + 0.5).to(DEVICE, DTYPE).requires_grad_()
     w = (1 + 0.1 * torch.randn(COLS, generator=g)).to(DEVICE, DTYPE).requires_grad_()
@@ -71,14 +78,35 @@ def build(provider: str, mode: str):
     else:
         call = lambda: torch.autograd.grad(fn(*inputs), inputs, dy)  # noqa: E731
 
-    def round_of_calls():
+    def calls():
         for _ in range(CALLS_PER_ROUND):
             call()
+
+    calls()  # compile (torch.compile, Triton) outside the timed rounds
+    if timing == "graph":
+        calls = graphed(calls)
+
+    def round_of_calls():
+        calls()
         if CUDA:
             torch.cuda.synchronize()  # CPU-GPU sync: the round ends when the GPU is done
 
-    round_of_calls()  # compile (torch.compile, Triton) outside the timed rounds
     return round_of_calls
+
+
+def graphed(calls):
+    """calls() captured once into a CUDA graph; returns its replay. torch.cuda.graphs' recipe:
+    warm up on a side stream, then capture. The autograd graph is built inside the capture too
+    (forward+backward), so the backward runs on the capturing stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    return graph.replay
 
 
 def record(benchmark, mode: str, **extra) -> None:
@@ -94,13 +122,16 @@ def record(benchmark, mode: str, **extra) -> None:
     )
 
 
+@pytest.mark.parametrize("timing", TIMINGS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_layer_norm(benchmark, provider, mode):
+def test_layer_norm(benchmark, provider, mode, timing):
     if provider == "triton" and not CUDA:
         pytest.skip("triton provider needs CUDA: the CPU interpreter is not a performance number")
-    benchmark.group = f"layer_norm {mode} ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')} {DEVICE}"
-    benchmark.pedantic(build(provider, mode), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    if timing == "graph" and mode == "backward":
+        pytest.skip("backward alone reuses a forward made outside the capture; timed as wall only")
+    benchmark.group = f"layer_norm {mode} {timing} ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')} {DEVICE}"
+    benchmark.pedantic(build(provider, mode, timing), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     record(benchmark, mode)
 
 
@@ -108,13 +139,16 @@ def test_layer_norm(benchmark, provider, mode):
 @pytest.mark.parametrize("resident_warps", [4, 8, 16, 32])
 def test_layer_norm_backward_grid(benchmark, monkeypatch, resident_warps):
     """The Triton backward with enough programs for `resident_warps` warps an SM (4: one program
-    an SM at this width, Liger-Kernel's grid; 32: the default, kernels.layernorm.backward_grid)."""
+    an SM at this width, Liger-Kernel's grid; 32: the default, kernels.layernorm.backward_grid),
+    timed as forward+backward from a CUDA graph: the forward is the same in every variant, and
+    wall time would mostly time the host."""
     import kernels.layernorm as ln
 
     monkeypatch.setattr(ln, "BWD_RESIDENT_WARPS", resident_warps)
     benchmark.group = f"layer_norm backward grid ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')}"
-    benchmark.pedantic(build("triton", "backward"), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    benchmark.pedantic(build("triton", "forward+backward", "graph"), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     block, warps = ln._launch_config(COLS)
     programs, rows_per_program = ln.backward_grid(ROWS, warps, sms)
-    record(benchmark, "backward", resident_warps=resident_warps, programs=programs, rows_per_program=rows_per_program)
+    record(benchmark, "forward+backward", resident_warps=resident_warps, programs=programs,
+           rows_per_program=rows_per_program)

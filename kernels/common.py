@@ -35,6 +35,11 @@ def triton_usable(device: torch.device | str) -> bool:
     return triton_installed() and (device.type == "cuda" or interpreting())
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints; triton.cdiv also unwraps constexprs, which costs host time per launch."""
+    return -(-a // b)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
