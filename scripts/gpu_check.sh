@@ -21,6 +21,7 @@ log="$out/gpu_check.log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1  # a step killed at its cap keeps what it printed
 unset TRITON_INTERPRET
+py=${PYTHON:-python3}  # GPU images name their torch-carrying interpreter python3
 status=0
 step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)" | tee -a "$log"; }
 # run CAP_SECONDS COMMAND...: run it under a cap, log all of it; a failure or timeout sets status.
@@ -32,18 +33,18 @@ run() {
   [ "$rc" -eq 0 ] || status=1
 }
 
-python -c "import torch, triton; assert torch.cuda.is_available(); print(torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
+"$py" -c "import torch, triton; assert torch.cuda.is_available(); print(torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: needs CUDA, torch and triton" | tee -a "$log"; exit 1; }
 run 10 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 
 step "kernel tests, compiled"
 parallel=()
-python -c "import xdist" 2>/dev/null && parallel=(-n 8)
-run 110 python -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/kernels
+"$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+run 110 "$py" -m pytest -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} tests/kernels
 
 bench() {  # bench CAP FILE: one benchmark file, its JSON kept for the merge
   step "benchmark $2"
-  run "$1" python -m pytest -q -p no:cacheprovider "bench/$2" --benchmark-only \
+  run "$1" "$py" -m pytest -q -p no:cacheprovider "bench/$2" --benchmark-only \
     --benchmark-json="$tmp/$2.json" --benchmark-columns=min,median,mean,rounds
 }
 tmp=$(mktemp -d)
@@ -54,10 +55,10 @@ bench 30 test_bench_adamw.py
 bench 45 test_bench_train_step.py
 bench 15 test_bench_data.py
 step "kernel targets"
-python scripts/bench_targets.py --merge "$out/bench.json" "$tmp"/*.json 2>&1 | tee "$out/targets.txt" | tee -a "$log"
+"$py" scripts/bench_targets.py --merge "$out/bench.json" "$tmp"/*.json 2>&1 | tee "$out/targets.txt" | tee -a "$log"
 
 step "synthetic GPT-2 token data"
-python - <<'PY' 2>&1 | tee -a "$log"
+"$py" - <<'PY' 2>&1 | tee -a "$log"
 import pathlib, numpy as np
 d = pathlib.Path("data/gpu_check"); d.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
@@ -68,7 +69,7 @@ PY
 
 for kernels in torch triton; do
   step "GPT-2 124M training, kernels=$kernels"
-  run 70 python -m fastgpt.train configs/owt.py --dataset=gpu_check --kernels=$kernels \
+  run 70 "$py" -m fastgpt.train configs/owt.py --dataset=gpu_check --kernels=$kernels \
     --batch_size=16 --gradient_accumulation_steps=4 --max_iters=40 --warmup_iters=10 --lr_decay_iters=40 \
     --eval_interval=40 --eval_iters=2 --log_interval=5 --out_dir="$tmp/ckpt-$kernels"
 done
