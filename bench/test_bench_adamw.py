@@ -15,6 +15,8 @@ so a round is the step alone. Each result records ms and GB/s in `extra_info`; G
 bytes an AdamW step must move, read p, g, m, v and write p, m, v: 28 bytes per fp32 element
 (3.5 GB per step here), the same count for every provider.
 
+On CUDA a second group times TritonAdamW with 1024 to 8192 elements a program.
+
 Without CUDA the triton provider is skipped (Triton's CPU interpreter would time numpy, not the
 kernel) and the torch providers run on the CPU over a scaled-down GPT (2 layers, 128 wide, vocab
 2048, block 128), so the file still runs and the two torch paths can be compared.
@@ -54,7 +56,7 @@ def gpt_param_shapes(n_layer: int, n_embd: int, vocab: int, block_size: int) -> 
     return decay, no_decay
 
 
-def build(provider: str):
+def build(provider: str, block_size: int | None = None):
     torch.manual_seed(0)
     decay, no_decay = gpt_param_shapes(N_LAYER, N_EMBD, VOCAB, BLOCK_SIZE)
     groups = []
@@ -64,7 +66,7 @@ def build(provider: str):
             p.grad = torch.randn_like(p) * 1e-3
         groups.append({"params": params, "weight_decay": weight_decay})
     if provider == "triton":
-        opt = TritonAdamW(groups, lr=LR, betas=BETAS)
+        opt = TritonAdamW(groups, lr=LR, betas=BETAS, **({"block_size": block_size} if block_size else {}))
     else:
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, **{provider: True})
     numel = sum(p.numel() for g in groups for p in g["params"])
@@ -77,12 +79,7 @@ def build(provider: str):
     return step, numel
 
 
-@pytest.mark.benchmark(group="adamw")
-@pytest.mark.parametrize("provider", ["triton", "fused", "foreach"])
-def test_adamw_step(benchmark, provider):
-    if provider == "triton" and not CUDA:
-        pytest.skip("the Triton provider is timed on CUDA only")
-    step, numel = build(provider)
+def run(benchmark, step, numel) -> None:
     step()  # state allocation (and, for triton, compilation) stays out of the timing
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     seconds = benchmark.stats.stats.median
@@ -92,3 +89,20 @@ def test_adamw_step(benchmark, provider):
         ms=round(seconds * 1e3, 3),
         gb_per_s=round(numel * BYTES_PER_FP32_ELEMENT / seconds / 1e9, 1),
     )
+
+
+@pytest.mark.benchmark(group="adamw")
+@pytest.mark.parametrize("provider", ["triton", "fused", "foreach"])
+def test_adamw_step(benchmark, provider):
+    if provider == "triton" and not CUDA:
+        pytest.skip("the Triton provider is timed on CUDA only")
+    run(benchmark, *build(provider))
+
+
+@pytest.mark.benchmark(group="adamw block")
+@pytest.mark.skipif(not CUDA, reason="times the Triton kernel's chunk size on a GPU")
+@pytest.mark.parametrize("block_size", [1024, 2048, 4096, 8192])
+def test_adamw_block_size(benchmark, block_size):
+    """TritonAdamW with `block_size` elements a program (kernels.adamw.DEFAULT_BLOCK is 4096): more
+    programs with fewer registers each, or fewer with more, to check the default on a GPU."""
+    run(benchmark, *build("triton", block_size))
