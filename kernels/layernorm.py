@@ -42,8 +42,9 @@ e.g. (16384, 768) in bf16: layer_norm forward 50 MB, backward 75 MB.
 
 Limits: a row is held by one program's registers, so N <= kernels.common.MAX_FUSED_BLOCK = 8192,
 the widest row whose backward compiles for sm_90 without spilling (a ValueError otherwise;
-fastgpt.ops sends wider rows to torch); inputs in fp32, bf16 or fp16; weight and bias in any float dtype (fp32 parameters
-with bf16 activations under autocast), gradients returned in each input's own dtype.
+fastgpt.ops sends wider rows to torch); inputs in fp32, bf16 or fp16; weight and bias in any
+float dtype (fp32 parameters with bf16 activations under autocast), gradients returned in each
+input's own dtype.
 
 References: Ba, Kiros, Hinton, "Layer Normalization" (2016); Triton tutorial 05-layer-norm;
 Liger-Kernel ops/layer_norm.py (per-SM partial sums); llm.c (fused residual + LayerNorm).
