@@ -49,11 +49,11 @@ bench() {  # bench CAP FILE: one benchmark file, its JSON kept for the merge
 }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-bench 45 test_bench_layernorm.py
-bench 75 test_bench_cross_entropy.py
+bench 60 test_bench_layernorm.py
+bench 70 test_bench_cross_entropy.py
 bench 30 test_bench_adamw.py
-bench 45 test_bench_train_step.py
-bench 15 test_bench_data.py
+bench 40 test_bench_train_step.py
+bench 10 test_bench_data.py
 step "kernel targets"
 "$py" scripts/bench_targets.py --merge "$out/bench.json" "$tmp"/*.json 2>&1 | tee "$out/targets.txt" | tee -a "$log"
 
