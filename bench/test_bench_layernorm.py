@@ -12,8 +12,9 @@ same round of calls captured once and replayed), which is the GPU's time for the
 a (16384, 768) LayerNorm takes tens of microseconds on an H100, less than the Python that
 launches it, so wall time ("wall") measures the host as much as the kernel. Both are reported.
 
-A further group times the Triton forward+backward (graph) with the backward grids kernels.layernorm.backward_grid can
-choose (enough programs for 4, 8, 16 or 32 resident warps an SM), to check its default on a GPU.
+A further group times the Triton forward+backward (graph) with each backward grid that
+kernels.layernorm.backward_grid can choose (enough programs for 4, 8, 16 or 32 resident warps an
+SM), to check its default on a GPU.
 
 Modes, one benchmark group each: forward (with autograd recording, as in training), backward
 (torch.autograd.grad of a kept graph: no .grad accumulation is timed), forward+backward.
@@ -147,8 +148,7 @@ def test_layer_norm_backward_grid(benchmark, monkeypatch, resident_warps):
     monkeypatch.setattr(ln, "BWD_RESIDENT_WARPS", resident_warps)
     benchmark.group = f"layer_norm backward grid ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')}"
     benchmark.pedantic(build("triton", "forward+backward", "graph"), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
-    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-    block, warps = ln._launch_config(COLS)
-    programs, rows_per_program = ln.backward_grid(ROWS, warps, sms)
+    _, warps = ln._launch_config(COLS)
+    programs, rows_per_program = ln.backward_grid(ROWS, warps, ln._sm_count(torch.device(DEVICE)))
     record(benchmark, "forward+backward", resident_warps=resident_warps, programs=programs,
            rows_per_program=rows_per_program)
