@@ -67,7 +67,6 @@ lists over many tensors this table follows.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import defaultdict
 from typing import Iterable
@@ -76,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import interpreting, triton_usable
+from kernels.common import interpreting, on_device, triton_usable
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements per program: 4096 fp32 elements move 112 KB, long enough to hide the per-program table
@@ -327,8 +326,7 @@ def adamw_step_(
     grid = (tables.chunks.shape[0],)
     if grid[0] == 0:  # only empty params
         return
-    device = params[0].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with on_device(params[0]):
         _adamw_kernel[grid](
             tables.tensors, tables.chunks, hyper,
             PARAM_DTYPE=_TL_DTYPES[params[0].dtype], ALIGNED=tables.aligned, BLOCK=block, num_warps=NUM_WARPS,
@@ -542,6 +540,9 @@ def _check_hyperparameters(group: dict, where: str) -> None:
     for flag in ("amsgrad", "maximize", "differentiable"):
         if group.get(flag, False):
             raise ValueError(f"{where}: {flag}=True is not supported by TritonAdamW")
+    if not group.get("decoupled_weight_decay", True):
+        raise ValueError(f"{where}: decoupled_weight_decay=False (torch.optim.Adam's L2 penalty) is not "
+                         "supported by TritonAdamW, which decays decoupled as AdamW does")
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if not isinstance(lr, torch.Tensor) and not 0.0 <= lr:
         raise ValueError(f"{where}: invalid lr {lr}, must be >= 0")

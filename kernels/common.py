@@ -5,6 +5,7 @@ Kernels know nothing of fastgpt; fastgpt decides in one place whether to call th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -48,6 +49,14 @@ def num_warps_for(block: int) -> int:
     """Warps per program for a row of `block` elements: more warps for wider rows (the heuristic
     of Triton's layer-norm tutorial), between 4 and 16."""
     return min(max(block // 256, 4), 16)
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where to launch a kernel on t: Triton launches on the current CUDA device and its stream,
+    not the tensors' (cuda:1 tensors would be read by a launch on cuda:0)."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def as_2d(x: torch.Tensor) -> torch.Tensor:

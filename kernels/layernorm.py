@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for
+from kernels.common import INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for, on_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The backward's grid on CUDA (see backward_grid): warps an SM to keep busy, and the fewest rows a
@@ -254,22 +254,23 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         # Absent tensors are never read or written (constexpr flags), any pointer stands in.
         r_arg = r2 if r2 is not None else x2
         s_arg = s2 if s2 is not None else y2
-        _layer_norm_fwd_kernel[(m,)](
-            x2, x2.stride(0),
-            r_arg, r_arg.stride(0),
-            s_arg, s_arg.stride(0),
-            y2, y2.stride(0),
-            weight,
-            bias if bias is not None else weight,
-            mean,
-            rstd,
-            n,
-            eps,
-            HAS_RESIDUAL=residual is not None,
-            HAS_BIAS=bias is not None,
-            BLOCK_N=block,
-            num_warps=warps,
-        )
+        with on_device(x2):
+            _layer_norm_fwd_kernel[(m,)](
+                x2, x2.stride(0),
+                r_arg, r_arg.stride(0),
+                s_arg, s_arg.stride(0),
+                y2, y2.stride(0),
+                weight,
+                bias if bias is not None else weight,
+                mean,
+                rstd,
+                n,
+                eps,
+                HAS_RESIDUAL=residual is not None,
+                HAS_BIAS=bias is not None,
+                BLOCK_N=block,
+                num_warps=warps,
+            )
     s = s2.view(shape) if s2 is not None else None
     return s, y2.view(shape), mean, rstd
 
@@ -299,24 +300,25 @@ def layer_norm_backward(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.T
     if m > 0:
         ds_arg = ds2 if ds2 is not None else dy2
         db_arg = db_partial if db_partial is not None else dw_partial
-        _layer_norm_bwd_kernel[(programs,)](
-            dy2, dy2.stride(0),
-            ds_arg, ds_arg.stride(0),
-            x2, x2.stride(0),
-            weight,
-            mean,
-            rstd,
-            dx2, dx2.stride(0),
-            dw_partial, dw_partial.stride(0),
-            db_arg, db_arg.stride(0),
-            m,
-            n,
-            rows_per_program,
-            HAS_DS=ds is not None,
-            HAS_BIAS=has_bias,
-            BLOCK_N=block,
-            num_warps=warps,
-        )
+        with on_device(x2):
+            _layer_norm_bwd_kernel[(programs,)](
+                dy2, dy2.stride(0),
+                ds_arg, ds_arg.stride(0),
+                x2, x2.stride(0),
+                weight,
+                mean,
+                rstd,
+                dx2, dx2.stride(0),
+                dw_partial, dw_partial.stride(0),
+                db_arg, db_arg.stride(0),
+                m,
+                n,
+                rows_per_program,
+                HAS_DS=ds is not None,
+                HAS_BIAS=has_bias,
+                BLOCK_N=block,
+                num_warps=warps,
+            )
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
     return dx2.view(shape), dw, db
