@@ -9,21 +9,27 @@ Math, for logits x (N, V), targets t (N,) and ignore_index (nanoGPT's -1):
 Defining L = 0 with a zero gradient when every target is ignored keeps a fully padded micro-batch
 from turning the whole step into nan.
 
+The kernels store the gradient of the SUMMED row losses, softmax - onehot, and the backward
+multiplies it by upstream / n, computed in fp32. Dividing by n first would underflow in fp16:
+softmax values of 1/V divided by n = 16384 are ~1e-9, below fp16's smallest subnormal (6e-8),
+and GradScaler's factor (65536 at first, itself inf in fp16) only arrives with the upstream.
+
 Forward: one program per row sweeps the row twice in blocks of BLOCK_SIZE: the first sweep keeps
 an online max m and sum of exponentials d (m' = max(m, max x_blk), d = d e^(m - m') +
-sum e^(x_blk - m')), so lse = m + log d; the second sweep writes the gradient above. The gradient
+sum e^(x_blk - m')), so lse = m + log d; the second sweep writes softmax - onehot. The gradient
 needs lse, which needs the whole row, hence two sweeps; no softmax tensor is stored. The counted
-total n is computed on the device over the whole batch first (no host sync) and read by every
-program, so the 1/n is right even when the rows are split into chunks.
-Backward: L is a scalar, so dL_total/dx = upstream * (stored gradient): one scaling pass.
+total n is computed on the device over the whole batch (no host sync), so the mean is right even
+when the rows are split into chunks.
+Backward: L is a scalar, so dL_total/dx = (upstream / n) * (stored gradient): one scaling pass.
 
 Bytes moved per logit (itemsize s: 2 for bf16): forward reads it twice and writes its gradient
 once, 3s; backward reads and writes the gradient, 2s. At GPT-2's (16384, 50304) in bf16, the
 logits are 1.65 GB, so forward moves 4.9 GB and backward 3.3 GB.
 
 Memory. `cross_entropy` writes the gradient over the logits: when a gradient is needed the logits
-are CONSUMED (their storage holds dL/dlogits afterwards), and forward + backward hold one
-logits-sized buffer in all: the logits' own storage, saved for backward and scaled there in place.
+are CONSUMED (their storage holds softmax - onehot after forward, dL/dlogits after backward),
+and forward + backward hold one logits-sized buffer in all: the logits' own storage, saved for
+backward and scaled there in place.
 Counted with the profiler on CPU (tests/kernels/test_cross_entropy.py), forward + backward of a
 fresh copy of the logits peaks at 1.0x the logits here, against 4x for F.cross_entropy in fp32
 (logits, saved log-softmax, two buffers in backward) and 7x for bf16 logits upcast first as nanoGPT
@@ -44,13 +50,14 @@ buffer in place, so compiled is 1x as well.
 `linear_cross_entropy(hidden (N, C), weight (V, C), targets)` is the LM head and the loss
 together. Over chunks of rows it forms z = hidden_chunk @ weight.T, runs the pass above on z in
 place, then grad_hidden_chunk = z @ weight and grad_weight += z.T @ hidden_chunk (accumulated in
-fp32), all in the forward; backward scales the two gradients by the upstream scalar. A chunk holds
-at most CHUNK_LOGITS_BYTES of logits. At GPT-2 124M, batch 16 x 1024 (N = 16384, C = 768,
-V = 50304) in bf16, the full logits are 1.65 GB and the unfused path (bf16 matmul, fp32 upcast,
-F.cross_entropy) peaks at 6x that, 9.9 GB (the ratio measured on CPU at a smaller N); the chunked
-op holds 134 MB of chunk logits, the 155 MB fp32 grad_weight accumulator, a 77 MB bf16 z.T @ h
-per chunk and the 25 MB grad_hidden: about 0.4 GB. The matmul FLOPs are those of the unfused
-head: 2NCV forward, 4NCV for the two gradients.
+fp32), all in the forward; backward scales the two gradients by upstream / n in fp32 and casts
+them to the inputs' dtypes. A chunk holds at most CHUNK_LOGITS_BYTES of logits. At GPT-2 124M,
+batch 16 x 1024 (N = 16384, C = 768, V = 50304) in bf16, the full logits are 1.65 GB and the
+unfused path (bf16 matmul, fp32 upcast, F.cross_entropy) peaks at 6x that, 9.9 GB (the ratio
+measured on CPU at a smaller N); the chunked op holds 134 MB of chunk logits, the 155 MB fp32
+grad_weight accumulator (kept for backward), a 77 MB bf16 z.T @ h per chunk and the 25 MB
+grad_hidden: about 0.4 GB. The matmul FLOPs are those of the unfused head: 2NCV forward, 4NCV
+for the two gradients.
 
 Limits: V < 2^31 (column offsets are int32; row offsets are int64, since 16384 x 50304 overflows
 int32). Targets must be ignore_index or in [0, V); others are not checked (that would need a host
@@ -72,7 +79,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.common import as_2d, next_power_of_2, num_warps_for
+from kernels.common import as_2d, next_power_of_2, num_warps_for, on_device
 
 # Elements one program handles per loop step: 16 warps x 32 lanes x 16 values on a GPU; big
 # enough that the interpreter sweeps a 50k vocabulary in 7 steps.
@@ -89,13 +96,12 @@ LOSS_DTYPE = torch.float32
 
 @triton.jit
 def _cross_entropy_kernel(
-    logits_ptr,  # (N, V) read; overwritten with dL/dlogits when WRITE_GRAD
+    logits_ptr,  # (N, V) read; overwritten with d(row loss)/dlogits when WRITE_GRAD
     stride_logits_row,
     targets_ptr,  # (N,) int64
     stride_targets,
     row_loss_ptr,  # (N,) fp32 written: logsumexp - logit of the target, 0 for ignored rows
     stride_row_loss,
-    n_counted_ptr,  # () int64: targets != ignore_index over the whole batch, all chunks
     n_cols,  # V
     ignore_index,
     BLOCK_SIZE: tl.constexpr,
@@ -126,9 +132,8 @@ def _cross_entropy_kernel(
     tl.store(row_loss_ptr + row * stride_row_loss, loss)
 
     if WRITE_GRAD:
-        # Sweep 2: (softmax - onehot) / n, zero for an ignored row.
-        n_counted = tl.load(n_counted_ptr).to(tl.float32)
-        scale = tl.where(counted, 1.0 / tl.maximum(n_counted, 1.0), 0.0)
+        # Sweep 2: softmax - onehot, zero for an ignored row. The 1/n is left to the backward.
+        scale = tl.where(counted, 1.0, 0.0)
         for start in range(0, n_cols, BLOCK_SIZE):
             offs = start + cols
             mask = offs < n_cols
@@ -153,7 +158,6 @@ def mean_loss(row_loss: Tensor, n_counted: Tensor) -> Tensor:
 def cross_entropy_rows(
     logits: Tensor,
     targets: Tensor,
-    n_counted: Tensor,
     ignore_index: int = -1,
     *,
     write_grad: bool = False,
@@ -163,14 +167,14 @@ def cross_entropy_rows(
     """Row losses (rows,) fp32 of logits (..., V) against targets (...).
 
     With write_grad, the logits (which must then be contiguous) are overwritten with
-    d(sum of row losses / n_counted)/dlogits. row_loss: an optional (rows,) fp32 output.
+    d(sum of row losses)/dlogits: softmax - onehot, 0 on ignored rows. row_loss: an optional (rows,) fp32 output.
     block_size: a power of two, to force several blocks per row (tests)."""
     if logits.dim() < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets {tuple(targets.shape)} must be logits {tuple(logits.shape)} without the last dim")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"cross_entropy: targets must be integers, got {targets.dtype}")
-    if targets.device != logits.device or n_counted.device != logits.device:
-        raise ValueError(f"cross_entropy: logits on {logits.device}, targets on {targets.device}, n_counted on {n_counted.device}")
+    if targets.device != logits.device:
+        raise ValueError(f"cross_entropy: logits on {logits.device}, targets on {targets.device}")
     if write_grad and not logits.is_contiguous():
         raise ValueError(f"cross_entropy: writing the gradient in place needs contiguous logits, got strides {logits.stride()}")
     if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
@@ -187,17 +191,17 @@ def cross_entropy_rows(
     if n_rows == 0:
         return row_loss
     block = block_size or min(next_power_of_2(n_cols), MAX_BLOCK)
-    _cross_entropy_kernel[(n_rows,)](
-        x, x.stride(0),
-        t, t.stride(0),
-        row_loss, row_loss.stride(0),
-        n_counted,
-        n_cols,
-        ignore_index,
-        BLOCK_SIZE=block,
-        WRITE_GRAD=write_grad,
-        num_warps=num_warps_for(block),
-    )
+    with on_device(x):
+        _cross_entropy_kernel[(n_rows,)](
+            x, x.stride(0),
+            t, t.stride(0),
+            row_loss, row_loss.stride(0),
+            n_cols,
+            ignore_index,
+            BLOCK_SIZE=block,
+            WRITE_GRAD=write_grad,
+            num_warps=num_warps_for(block),
+        )
     return row_loss
 
 
@@ -215,10 +219,11 @@ def linear_cross_entropy_chunked(
     chunk_size: int | None = None,
     *,
     with_grad: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean loss () fp32, dL/dhidden like hidden, dL/dweight like weight) of
-    cross_entropy(hidden @ weight.T, targets), chunked over rows. Without with_grad the two
-    gradients are empty."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean loss L () fp32, n_counted () int64, dS/dhidden like hidden, dS/dweight (V, C) fp32) of
+    L = S / n_counted = cross_entropy(hidden @ weight.T, targets), chunked over rows, where S is
+    the sum of the row losses: dL/d = dS/d / n_counted, divided by the caller in fp32 (see the
+    module docstring). Without with_grad the two gradients are empty."""
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} must be (..., C) and weight {tuple(weight.shape)} (V, C)")
     if targets.shape != hidden.shape[:-1]:
@@ -241,8 +246,8 @@ def linear_cross_entropy_chunked(
         end = min(start + chunk, n_rows)
         h_chunk = h[start:end]  # (rows, C)
         z = h_chunk @ w.T  # (rows, V): the only logits that ever exist
-        cross_entropy_rows(z, t[start:end], n_counted, ignore_index, write_grad=with_grad, row_loss=row_loss[start:end])
-        if with_grad:  # z now holds dL/dz
+        cross_entropy_rows(z, t[start:end], ignore_index, write_grad=with_grad, row_loss=row_loss[start:end])
+        if with_grad:  # z now holds dS/dz
             torch.mm(z, w, out=grad_hidden[start:end])
             if z.dtype == grad_weight.dtype:
                 grad_weight.addmm_(z.T, h_chunk)
@@ -251,8 +256,8 @@ def linear_cross_entropy_chunked(
         del z
     loss = mean_loss(row_loss, n_counted)
     if not with_grad:
-        return loss, grad_hidden, w.new_empty(0)
-    return loss, grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype)
+        return loss, n_counted, grad_hidden, w.new_empty(0)
+    return loss, n_counted, grad_hidden.view(hidden.shape), grad_weight
 
 
 # --- references --------------------------------------------------------------------------------
@@ -275,19 +280,23 @@ def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tens
 # --- ops ---------------------------------------------------------------------------------------
 
 
-def _scale_grad(grad: Tensor, upstream: Tensor) -> Tensor:
-    """grad * upstream. Eager scales in place: the buffer is this op's own (or consumed logits),
-    so backward allocates nothing. Under compile AOTAutograd would reject the in-place write to
-    a saved forward input, and inductor plans the buffers itself."""
-    upstream = upstream.to(grad.dtype)
-    return grad * upstream if torch.compiler.is_compiling() else grad.mul_(upstream)
+def _mean_factor(upstream: Tensor, n_counted: Tensor) -> Tensor:
+    """() fp32 upstream / n: what turns a gradient of the summed row losses into that of the loss."""
+    return upstream.float() / n_counted.clamp(min=1)
+
+
+def _scale_grad(grad: Tensor, factor: Tensor) -> Tensor:
+    """grad * factor, in grad's dtype. Eager scales in place: the buffer is this op's own (or
+    consumed logits), so backward allocates nothing. Under compile AOTAutograd would reject the
+    in-place write to a saved forward input, and inductor plans the buffers itself."""
+    return grad * factor if torch.compiler.is_compiling() else grad.mul_(factor)
 
 
 @torch.library.custom_op("fastgpt::cross_entropy", mutates_args=())
 def _cross_entropy_loss_op(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     """The mean loss alone; the logits are only read. For when no gradient is needed."""
     n_counted = count_targets(targets, ignore_index)
-    return mean_loss(cross_entropy_rows(logits, targets, n_counted, ignore_index), n_counted)
+    return mean_loss(cross_entropy_rows(logits, targets, ignore_index), n_counted)
 
 
 @_cross_entropy_loss_op.register_fake
@@ -296,35 +305,35 @@ def _(logits, targets, ignore_index):
 
 
 @torch.library.custom_op("fastgpt::cross_entropy_fused_", mutates_args=("logits",))
-def _cross_entropy_fused_op(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-    """The mean loss; the logits (contiguous) are overwritten with dL/dlogits."""
-    n_counted = count_targets(targets, ignore_index)
-    return mean_loss(cross_entropy_rows(logits, targets, n_counted, ignore_index, write_grad=True), n_counted)
+def _cross_entropy_fused_op(logits: Tensor, targets: Tensor, n_counted: Tensor, ignore_index: int) -> Tensor:
+    """The mean loss; the logits (contiguous) are overwritten with d(sum of row losses)/dlogits."""
+    return mean_loss(cross_entropy_rows(logits, targets, ignore_index, write_grad=True), n_counted)
 
 
 @_cross_entropy_fused_op.register_fake
-def _(logits, targets, ignore_index):
+def _(logits, targets, n_counted, ignore_index):
     return logits.new_empty((), dtype=LOSS_DTYPE)
 
 
 @torch.library.custom_op("fastgpt::cross_entropy_stored_grad", mutates_args=())
-def _stored_grad_op(logits: Tensor, grad_logits: Tensor, loss: Tensor) -> Tensor:
-    """loss, whose gradient with respect to logits is grad_logits (the fused pass's output)."""
+def _stored_grad_op(logits: Tensor, grad_sum: Tensor, n_counted: Tensor, loss: Tensor) -> Tensor:
+    """loss, whose gradient with respect to logits is grad_sum / n_counted (grad_sum: the fused
+    pass's output, the gradient of the summed row losses)."""
     return loss.clone()
 
 
 @_stored_grad_op.register_fake
-def _(logits, grad_logits, loss):
+def _(logits, grad_sum, n_counted, loss):
     return torch.empty_like(loss)
 
 
 def _stored_grad_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
+    ctx.save_for_backward(inputs[1], inputs[2])
 
 
 def _stored_grad_backward(ctx, grad_loss):
-    (grad_logits,) = ctx.saved_tensors
-    return _scale_grad(grad_logits, grad_loss), None, None
+    grad_sum, n_counted = ctx.saved_tensors
+    return _scale_grad(grad_sum, _mean_factor(grad_loss, n_counted)), None, None, None
 
 
 _stored_grad_op.register_autograd(_stored_grad_backward, setup_context=_stored_grad_setup)
@@ -333,30 +342,36 @@ _stored_grad_op.register_autograd(_stored_grad_backward, setup_context=_stored_g
 @torch.library.custom_op("fastgpt::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_size: int, with_grad: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean loss, dL/dhidden, dL/dweight); chunk_size 0 picks default_chunk_size."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """linear_cross_entropy_chunked's (mean loss, n_counted, dS/dhidden, fp32 dS/dweight);
+    chunk_size 0 picks default_chunk_size."""
     return linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, chunk_size or None, with_grad=with_grad)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, targets, ignore_index, chunk_size, with_grad):
-    loss = hidden.new_empty((), dtype=LOSS_DTYPE)
+    loss, n_counted = hidden.new_empty((), dtype=LOSS_DTYPE), targets.new_empty((), dtype=torch.int64)
     if not with_grad:
-        return loss, hidden.new_empty(0), weight.new_empty(0)
-    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)
+        return loss, n_counted, hidden.new_empty(0), weight.new_empty(0)
+    return loss, n_counted, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 def _linear_setup(ctx, inputs, output):
-    _, grad_hidden, grad_weight = output
-    ctx.mark_non_differentiable(grad_hidden, grad_weight)
-    ctx.save_for_backward(grad_hidden, grad_weight)
+    _, n_counted, grad_hidden, grad_weight = output
+    ctx.mark_non_differentiable(n_counted, grad_hidden, grad_weight)
+    ctx.save_for_backward(n_counted, grad_hidden, grad_weight)
+    ctx.weight_dtype = inputs[1].dtype
 
 
-def _linear_backward(ctx, grad_loss, _grad_hidden, _grad_weight):
-    grad_hidden, grad_weight = ctx.saved_tensors
+def _linear_backward(ctx, grad_loss, *_):
+    n_counted, grad_hidden, grad_weight = ctx.saved_tensors
     if grad_hidden.numel() == 0 and grad_weight.numel() == 0:
         raise RuntimeError("linear_cross_entropy ran without gradients (with_grad=False); cannot backpropagate")
-    return _scale_grad(grad_hidden, grad_loss), _scale_grad(grad_weight, grad_loss), None, None, None, None
+    # Scaled in fp32, then cast: grad_hidden is small (N, C), and grad_weight is fp32 already.
+    factor = _mean_factor(grad_loss, n_counted)
+    grad_hidden = _scale_grad(grad_hidden.float(), factor).to(grad_hidden.dtype)
+    grad_weight = _scale_grad(grad_weight, factor).to(ctx.weight_dtype)
+    return grad_hidden, grad_weight, None, None, None, None
 
 
 _linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -373,14 +388,15 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Te
     """Mean cross-entropy () fp32 of logits (..., V) against targets (...) over the targets that
     are not ignore_index (0 if there are none).
 
-    When a gradient is needed, the logits are CONSUMED: their storage holds dL/dlogits
-    afterwards (see the module docstring). Without one (eval, no_grad) they are only read."""
+    When a gradient is needed, the logits are CONSUMED: their storage holds the gradient
+    afterwards, which backward scales in place into dL/dlogits (see the module docstring). Without one (eval, no_grad) they are only read."""
     if not _needs_grad(logits):
         return torch.ops.fastgpt.cross_entropy(logits, targets, ignore_index)
     logits = logits.contiguous()  # a strided input is copied, and the copy consumed
-    grad_logits = logits.detach()  # same storage and version counter: the overwrite is seen
-    loss = torch.ops.fastgpt.cross_entropy_fused_(grad_logits, targets, ignore_index)
-    return torch.ops.fastgpt.cross_entropy_stored_grad(logits, grad_logits, loss)
+    grad_sum = logits.detach()  # same storage and version counter: the overwrite is seen
+    n_counted = count_targets(targets, ignore_index)
+    loss = torch.ops.fastgpt.cross_entropy_fused_(grad_sum, targets, n_counted, ignore_index)
+    return torch.ops.fastgpt.cross_entropy_stored_grad(logits, grad_sum, n_counted, loss)
 
 
 def linear_cross_entropy(
@@ -392,7 +408,7 @@ def linear_cross_entropy(
     The inputs are not modified."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size {chunk_size} must be at least 1")
-    loss, _, _ = torch.ops.fastgpt.linear_cross_entropy(
+    loss, *_ = torch.ops.fastgpt.linear_cross_entropy(
         hidden, weight, targets, ignore_index, chunk_size or 0, _needs_grad(hidden, weight)
     )
     return loss

@@ -140,10 +140,9 @@ def cases(recorder: Recorder, widths: list[int]) -> None:
         for vocab in (GPT2_VOCAB, 50257, 65):
             logits = torch.randn(2, vocab, dtype=dtype)
             targets = torch.tensor([1, -1])
-            n_counted = torch.tensor(1)
             for write_grad in (False, True):
                 recorder.launch(f"cross_entropy {name} V={vocab}{' +grad' if write_grad else ''}",
-                                cross_entropy.cross_entropy_rows, logits, targets, n_counted, write_grad=write_grad)
+                                cross_entropy.cross_entropy_rows, logits, targets, write_grad=write_grad)
 
         p = [torch.zeros(5000, dtype=dtype), torch.zeros(768, dtype=dtype)]
         g = [torch.zeros_like(t) for t in p]
