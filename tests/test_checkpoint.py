@@ -99,3 +99,23 @@ def test_fp16_resume_from_a_checkpoint_without_scaler_state():
         scaler = torch.amp.GradScaler("cpu", enabled=True)
         assert ckpt_io.restore_training_state(ck, optimizer, scaler, {}, "x.pt", DistInfo()) == (3, 2.0)
         assert scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+
+
+def test_resume_keeps_this_runs_optimizer_implementation():
+    """A checkpoint written by another AdamW (TritonAdamW saves fused=None, as does foreach) must
+    not switch this run's fused AdamW to the slower path: torch's loader copies the saved flags."""
+    from fastgpt.distributed import DistInfo
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    foreach = torch.optim.AdamW(param_groups(model, 0.1), foreach=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    foreach.step()
+    ck = {"optimizer": foreach.state_dict(), "iter_num": 1, "best_val_loss": 2.0, "config": {}}
+    fused = torch.optim.AdamW(param_groups(model, 0.1), fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert ckpt_io.restore_training_state(ck, fused, scaler, {}, "x.pt", DistInfo()) == (1, 2.0)
+    assert [(g["fused"], g["foreach"]) for g in fused.param_groups] == [(True, None)] * 2
+    assert ck["optimizer"]["param_groups"][0]["foreach"] is True, "the checkpoint itself is left alone"
+    fused.step()
+    assert all(fused.state[p]["step"].item() == 2 for p in model.parameters())
