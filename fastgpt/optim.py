@@ -46,8 +46,9 @@ def make_optimizer(
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
-    """Learning rate at iteration `it`: linear warmup from learning_rate/warmup_iters to
-    learning_rate over warmup_iters steps, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Learning rate at iteration `it`: linear warmup from learning_rate/(warmup_iters+1) towards
+    learning_rate over warmup_iters steps (as nanoGPT), cosine decay to min_lr at lr_decay_iters,
+    then min_lr."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:

@@ -6,6 +6,7 @@ On a machine without CUDA the kernel runs in Triton's interpreter (tests/conftes
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 
@@ -81,14 +82,15 @@ def groups(params: list[torch.Tensor]) -> list[dict]:
     return [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}]
 
 
-def ours(params: list[torch.Tensor]) -> TritonAdamW:
-    return TritonAdamW(groups(params), lr=LR_MAX, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                       block_size=BLOCK)
+HYPER = dict(lr=LR_MAX, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
 
 
-def torchs(params: list[torch.Tensor]) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups(params), lr=LR_MAX, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                             foreach=False)
+def ours(params: list[torch.Tensor], **hyper) -> TritonAdamW:
+    return TritonAdamW(groups(params), block_size=BLOCK, **(hyper or HYPER))
+
+
+def torchs(params: list[torch.Tensor], **hyper) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups(params), foreach=False, **(hyper or HYPER))
 
 
 def take_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list, step: int) -> None:
@@ -112,13 +114,14 @@ def assert_same_state(opt_a, params_a, opt_b, params_b) -> None:
             torch.testing.assert_close(sa[key].float(), sb[key].float(), **STATE_TOLERANCES[key])
 
 
-def run_against_torch(make_opt, dtype=torch.float32, steps=range(STEPS)) -> None:
-    """`make_opt`'s optimizer and torch's AdamW, from the same params through the same gradients
-    and lrs, agree on params and state after every step."""
+def run_against_torch(make_opt, dtype=torch.float32, steps=range(STEPS), hyper=None, grad_scale=1.0) -> None:
+    """`make_opt`'s optimizer and torch's AdamW (both with `hyper`, default HYPER), from the same
+    params through the same gradients (times grad_scale) and lrs, agree on params and state."""
     params = make_params(dtype)
     reference = clone_params(params)
-    opt, ref_opt = make_opt(params), torchs(reference)
+    opt, ref_opt = make_opt(params, **(hyper or {})), torchs(reference, **(hyper or {}))
     for step, grads in zip(steps, make_grads(dtype)):
+        grads = [None if g is None else g * grad_scale for g in grads]
         take_step(opt, params, grads, step)
         take_step(ref_opt, reference, grads, step)
     for p, r in zip(params, reference):
@@ -175,6 +178,13 @@ def test_tolerance_catches_a_broken_update(broken):
 
 def test_matches_torch_fp32():
     run_against_torch(ours)
+
+
+def test_eps_and_a_small_beta1_match_torch():
+    """eps = 1e-3 against gradients of 1e-4, where eps's place in the denominator decides the
+    step (the default 1e-8 hides it); beta1 = 0.3 takes the other branch of torch's lerp."""
+    run_against_torch(ours, hyper=dict(lr=LR_MAX, betas=(0.3, 0.95), eps=1e-3, weight_decay=WEIGHT_DECAY),
+                      grad_scale=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -414,10 +424,13 @@ def test_rejects_unsupported_arguments(kwargs):
         TritonAdamW([torch.zeros(3, requires_grad=True)], **kwargs)
 
 
-def test_rejects_amsgrad_state_from_torch():
+@pytest.mark.parametrize("torch_optimizer, match", [(functools.partial(torch.optim.AdamW, amsgrad=True), "amsgrad"),
+                                                    (torch.optim.Adam, "decoupled_weight_decay")],
+                         ids=["amsgrad", "adam_l2"])
+def test_rejects_state_of_an_update_we_do_not_compute(torch_optimizer, match):
     p = torch.zeros(3, requires_grad=True)
-    state = torch.optim.AdamW([p], amsgrad=True).state_dict()
-    with pytest.raises(ValueError, match="amsgrad"):
+    state = torch_optimizer([p]).state_dict()
+    with pytest.raises(ValueError, match=match):
         TritonAdamW([p]).load_state_dict(copy.deepcopy(state))
 
 
