@@ -1,9 +1,11 @@
 """The kernel targets of the Triton work, read off pytest-benchmark JSON files.
 
-    python scripts/bench_targets.py [--merge MERGED.json] BENCH.json...
+    python scripts/bench_targets.py [--merge MERGED.json] BENCH.json|BENCH.jsonl...
 
 Several files (one per benchmark file, as scripts/gpu_check.sh writes them) are read as one
-report; --merge also writes that report to MERGED.json.
+report; --merge also writes that report to MERGED.json. A .jsonl file holds one benchmark entry a
+line, appended as each benchmark finishes (bench/conftest.py): what a run stopped at its time
+cap measured before it stopped. An entry found in several files counts once.
 
 Every ratio compares two providers timed in the same run (medians), so machine drift between
 runs cancels. A target whose benchmarks are missing (the triton provider is skipped without
@@ -84,10 +86,37 @@ def evaluate(report: dict) -> list[tuple[Target, float | None, str]]:
 
 
 def merge(reports: list[dict]) -> dict:
-    """One report holding every benchmark of `reports`, with the first one's machine and commit."""
+    """One report holding every benchmark of `reports` once (the first copy of each fullname),
+    with the first report's machine and commit."""
     merged = {k: v for k, v in (reports[0] if reports else {}).items() if k != "benchmarks"}
-    merged["benchmarks"] = [b for r in reports for b in r.get("benchmarks", [])]
+    seen, merged["benchmarks"] = set(), []
+    for bench in (b for r in reports for b in r.get("benchmarks", [])):
+        name = bench.get("fullname", bench["name"])
+        if name not in seen:
+            seen.add(name)
+            merged["benchmarks"].append(bench)
     return merged
+
+
+def read_report(path: str) -> dict:
+    """A pytest-benchmark JSON report, or a .jsonl of its entries (a line cut off mid-write by a
+    time cap is dropped)."""
+    with open(path) as f:
+        if not path.endswith(".jsonl"):
+            return json.load(f)
+        benches = []
+        for line in f:
+            try:
+                benches.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return {"benchmarks": benches}
+
+
+def median_ms(bench: dict) -> float:
+    """Per call where a round makes several (the LayerNorm bench), else the round's median."""
+    extra = bench.get("extra_info", {})
+    return extra["ms_per_call"] if "ms_per_call" in extra else bench["stats"]["median"] * 1e3
 
 
 def main(argv: list[str]) -> int:
@@ -98,8 +127,7 @@ def main(argv: list[str]) -> int:
     reports = []
     for path in args.reports:
         try:
-            with open(path) as f:
-                reports.append(json.load(f))
+            reports.append(read_report(path))
         except (OSError, json.JSONDecodeError) as e:  # a benchmark file cut off by its time cap
             print(f"skipping {path}: {e}")
     report = merge(reports)
@@ -111,12 +139,12 @@ def main(argv: list[str]) -> int:
     for t, ratio, verdict in evaluate(report):
         measured = "-" if ratio is None else f"{ratio:.2f}x"
         print(f"  {t.what:<48} {measured:>7}  goal {t.goal_text:<22} {verdict}")
-    print("  medians, ms:")
+    print("  medians, ms a call:")
     for bench in sorted(report.get("benchmarks", []), key=lambda b: b["name"]):
         extra = bench.get("extra_info", {})
-        shown = {k: extra[k] for k in ("gb_per_s", "gbps", "tflops", "peak_mb", "tokens_per_s", "mfu", "programs")
-                 if k in extra}
-        print(f"    {bench['name']:<56} {bench['stats']['median'] * 1e3:9.3f}  {shown}")
+        shown = {k: extra[k] for k in ("gb_per_s", "gbps", "tflops", "peak_mb", "model", "tokens_per_s", "mfu",
+                                       "programs") if k in extra}
+        print(f"    {bench['name']:<56} {median_ms(bench):9.3f}  {shown}")
     return 0
 
 

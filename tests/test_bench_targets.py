@@ -64,3 +64,24 @@ def test_cli_merges_reports_and_prints_every_target(tmp_path, capsys):
     assert json.loads(merged.read_text())["benchmarks"] == benches
     with pytest.raises(SystemExit):
         bench_targets.main([])
+
+
+def test_finished_benchmarks_of_a_run_cut_off_count_once(tmp_path, capsys):
+    """gpu_check passes each file's JSON and the JSONL its benchmarks appended as they finished;
+    a run killed at its cap leaves only JSONL lines, the last maybe half-written."""
+    benches = report()["benchmarks"]
+    for b in benches:
+        b["fullname"] = "bench/x.py::" + b["name"]
+    complete, lines = tmp_path / "a.json", tmp_path / "bench.jsonl"
+    complete.write_text(json.dumps({"benchmarks": benches[:6]}))
+    lines.write_text("".join(json.dumps(b) + "\n" for b in benches) + '{"name": "test_cut')
+    merged = tmp_path / "merged.json"
+    assert bench_targets.main(["--merge", str(merged), str(complete), str(lines)]) == 0
+    assert json.loads(merged.read_text())["benchmarks"] == benches
+    assert capsys.readouterr().out.count("MISSED") == 3
+
+
+def test_layer_norm_medians_are_shown_per_call():
+    bench = {"name": "test_layer_norm[triton]", "stats": {"median": 0.01}, "extra_info": {"ms_per_call": 1.0}}
+    assert bench_targets.median_ms(bench) == 1.0
+    assert bench_targets.median_ms({"name": "x", "stats": {"median": 0.01}}) == 10.0
