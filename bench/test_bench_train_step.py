@@ -1,4 +1,6 @@
-"""One optimizer step of the default config's model: fastgpt's step against plain PyTorch.
+"""One optimizer step of the default config's model (shakespeare_char: 4 layers of 128, 0.8M
+parameters, batch 32 x 128; launch-bound on a GPU, not GPT-2): fastgpt's step against plain
+PyTorch.
 
     pytest bench/test_bench_train_step.py --benchmark-only
 
@@ -7,7 +9,8 @@ Providers, measured in the same run so their ratio means something:
              LayerNorm, fused head + loss and AdamW on CUDA; torch and fused AdamW elsewhere),
              compile='auto' (torch.compile on CUDA), autocast dtype picked by dtype='auto' (fp32
              on a CPU without fast bf16), exact GELU, flash SDPA
-  reference  nanoGPT's CPU path in plain PyTorch: fp32, foreach (unfused) AdamW
+  reference  nanoGPT's fp32 path in plain PyTorch (TF32 matmuls on CUDA, as nanoGPT and the
+             trainer set them), foreach (unfused) AdamW
 
 Each result carries tokens/s and MFU in `extra_info`; MFU is against this machine's measured
 matmul peak for the dtype in use (on CUDA, the datasheet peak).
@@ -25,12 +28,23 @@ from fastgpt.metrics import peak_flops
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.ops import TORCH_OPS, get_ops, resolve_kernels
 from fastgpt.optim import make_optimizer, param_groups
-from fastgpt.runtime import autocast, resolve_device, resolve_dtype
+from fastgpt.runtime import autocast, configure_backends, resolve_device, resolve_dtype
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.py"
 # The shakespeare_char vocabulary (84 characters) padded to a multiple of 64.
 VOCAB = 128
 ROUNDS, WARMUP_ROUNDS = 30, 5
+MODEL = CONFIG.stem  # named in extra_info: not the GPT-2 shapes of the kernel benches
+
+
+@pytest.fixture(autouse=True)
+def trainer_backends():
+    """The trainer's backend settings (TF32 on CUDA, which the fp32 peak assumes), then the
+    previous ones back for whatever runs next in this process."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    configure_backends(resolve_device("auto"))
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def build(provider: str):
@@ -72,6 +86,7 @@ def test_train_step(benchmark, provider):
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(
+        model=MODEL,
         dtype=str(dtype).removeprefix("torch."),
         kernels=kernels,
         compiled=compiled,
