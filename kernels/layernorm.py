@@ -60,8 +60,9 @@ import triton.language as tl
 from kernels.common import INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for, on_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The backward's grid on CUDA (see backward_grid): warps an SM to keep busy, and the fewest rows a
-# program takes, so that the partial sums stay small beside the rows.
+# The backward's grid on CUDA (see backward_grid): warps an SM to keep busy, and the rows per
+# program that bound the program count (at most ceil(M / 8) programs), so that the partial sums
+# stay small beside the rows.
 BWD_RESIDENT_WARPS = 32
 MIN_ROWS_PER_PROGRAM = 8
 
@@ -222,7 +223,8 @@ def backward_grid(m: int, warps: int, sms: int | None) -> tuple[int, int]:
     <= 64 registers a thread, what scripts/compile_check.py reports), so several rows are in
     flight per SM. The price is more partial rows for torch to sum, G x N fp32 for dw and for db:
     at (16384, 768) in bf16 on 132 SMs, G = 1024 and the partials are 6.3 MB written and read
-    back, beside the 75 MB the rows move; MIN_ROWS_PER_PROGRAM bounds them for small M. Not yet
+    back, beside the 75 MB the rows move; at most ceil(M / MIN_ROWS_PER_PROGRAM) programs bound them
+    for small M (rows are then spread evenly, so a program may take fewer than 8). Not yet
     timed on a GPU: bench/test_bench_layernorm.py times this grid against one program per SM.
     Elsewhere (the interpreter): INTERPRET_PROGRAMS programs, enough to test the reduction."""
     if sms is None:
