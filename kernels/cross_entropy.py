@@ -120,7 +120,9 @@ def _cross_entropy_kernel(
         mask = start + cols < n_cols
         x = tl.load(logits_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # While every logit so far is -inf (masked), exp(-inf - -inf) would be nan: shift by 0.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
     lse = m + tl.log(d)
 

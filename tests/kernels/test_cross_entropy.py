@@ -144,6 +144,20 @@ def test_cross_entropy_many_blocks(block_size):
     close(grad / n_counted, ref.grad, CE_TOL[torch.float32]["grad"])  # the kernel leaves the 1/n to backward
 
 
+def test_masked_logits_before_the_first_finite_one():
+    """-inf logits (a masked vocabulary) filling whole blocks before the first finite one."""
+    logits = torch.randn(3, 100, device=DEVICE)
+    logits[:, :40] = float("-inf")  # blocks 0 and 1 of 16 entirely, block 2 in part
+    targets = torch.tensor([50, 99, IGNORE], device=DEVICE)
+    grad = logits.clone()
+    rows = ce.cross_entropy_rows(grad, targets, IGNORE, write_grad=True, block_size=16)
+    ref = logits.clone().requires_grad_()
+    ref_loss = ce.cross_entropy_reference(ref, targets, IGNORE)
+    ref_loss.backward()
+    close(ce.mean_loss(rows, ce.count_targets(targets, IGNORE)), ref_loss, CE_TOL[torch.float32]["loss"])
+    close(grad / 2, ref.grad, CE_TOL[torch.float32]["grad"])
+
+
 def test_cross_entropy_3d_with_a_fully_ignored_sequence():
     """(B, T, V) logits and (B, T) targets, as a model produces them; sequence 1 is all padding."""
     B, T, V = 3, 5, 65
