@@ -244,18 +244,21 @@ def linear_cross_entropy_chunked(
     grad_hidden = torch.empty_like(h) if with_grad else h.new_empty(0)
     # fp32 accumulator: a bf16 sum over many chunks would lose the small contributions.
     grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if with_grad else None
-    for start in range(0, n_rows, chunk):
-        end = min(start + chunk, n_rows)
-        h_chunk = h[start:end]  # (rows, C)
-        z = h_chunk @ w.T  # (rows, V): the only logits that ever exist
-        cross_entropy_rows(z, t[start:end], ignore_index, write_grad=with_grad, row_loss=row_loss[start:end])
-        if with_grad:  # z now holds dS/dz
-            torch.mm(z, w, out=grad_hidden[start:end])
-            if z.dtype == grad_weight.dtype:
-                grad_weight.addmm_(z.T, h_chunk)
-            else:
-                grad_weight += z.T @ h_chunk
-        del z
+    # The inputs' dtype is the matmuls' dtype: autocast, still on inside a custom op's body,
+    # would make the chunks bf16 while the outputs written with out= stay in the inputs' dtype.
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, n_rows, chunk):
+            end = min(start + chunk, n_rows)
+            h_chunk = h[start:end]  # (rows, C)
+            z = h_chunk @ w.T  # (rows, V): the only logits that ever exist
+            cross_entropy_rows(z, t[start:end], ignore_index, write_grad=with_grad, row_loss=row_loss[start:end])
+            if with_grad:  # z now holds dS/dz
+                torch.mm(z, w, out=grad_hidden[start:end])
+                if z.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(z.T, h_chunk)
+                else:
+                    grad_weight += z.T @ h_chunk
+            del z
     loss = mean_loss(row_loss, n_counted)
     if not with_grad:
         return loss, n_counted, grad_hidden, w.new_empty(0)

@@ -327,6 +327,25 @@ def test_linear_cross_entropy_without_grad_skips_the_gradients():
     assert not loss.requires_grad
 
 
+def test_linear_cross_entropy_under_autocast_keeps_the_inputs_dtype():
+    """Called directly with fp32 inputs inside autocast: the op computes in fp32 as given (fastgpt
+    casts to the autocast dtype itself before calling)."""
+    hidden, weight = torch.randn(9, 16, device=DEVICE), torch.randn(65, 16, device=DEVICE) / 4
+    targets = make_targets((9,), 65, (2,))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        loss = ce.linear_cross_entropy(h, w, targets, IGNORE, 4)
+    loss.backward()
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_loss = ce.linear_cross_entropy_reference(h_ref, w_ref, targets, IGNORE)  # no autocast: fp32
+    ref_loss.backward()
+    tol = LINEAR_TOL[torch.float32]
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    close(loss, ref_loss, tol["loss"])
+    close(h.grad, h_ref.grad, tol["grad"])
+    close(w.grad, w_ref.grad, tol["grad"])
+
+
 def test_default_chunk_bounds_the_logits_bytes():
     n_rows, vocab = 16 * 1024, 50304  # GPT-2 124M at batch 16 x 1024
     chunk = ce.default_chunk_size(n_rows, vocab, 2)
