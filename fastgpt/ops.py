@@ -61,7 +61,10 @@ def _torch_add_layer_norm(x, residual, weight, bias):
 
 def _torch_head_and_loss(hidden, weight, targets):
     logits = F.linear(hidden, weight)  # (N, V)
-    return logits, F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    # The mean over the counted targets, 0 (not torch's nan) when every one is ignored, as the
+    # kernel defines it: a fully padded micro-batch adds nothing instead of poisoning the step.
+    total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 TORCH_OPS = Ops("torch", _torch_layer_norm, _torch_add_layer_norm, _torch_head_and_loss, torch.optim.AdamW)

@@ -54,6 +54,16 @@ def test_same_loss_and_gradients(bias):
         torch.testing.assert_close(grads_b[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_every_target_ignored_gives_zero_loss_on_both_paths():
+    a, b = pair(True)
+    x, y = torch.randint(0, 90, (2, 16)), torch.full((2, 16), -1)
+    for model in (a, b):
+        _, loss = model(x, y)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(not p.grad.any() for p in model.parameters())
+
+
 def test_rows_wider_than_one_program_go_to_torch(monkeypatch):
     from kernels import layernorm
     from kernels.common import MAX_FUSED_BLOCK
