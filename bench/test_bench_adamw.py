@@ -6,14 +6,16 @@ foreach AdamW, in the same run.
 Providers:
   triton   kernels.adamw.TritonAdamW: one launch per param group over all its parameters
   fused    torch.optim.AdamW(fused=True)
-  foreach  torch.optim.AdamW(foreach=True), nanoGPT's default on CUDA
+  foreach  torch.optim.AdamW(foreach=True), torch's default on CUDA (nanoGPT asks for fused)
 
 The parameters are GPT-2 124M's, built from the architecture (12 layers, 768 wide, vocab 50304,
 block 1024, no biases, lm_head tied to wte), in fp32, split into the two groups fastgpt uses
 (matrices decayed, LayerNorm gains not). Gradients are fixed random tensors and are not zeroed,
-so a round is the step alone. Each result records ms and GB/s in `extra_info`; GB/s counts the
-bytes an AdamW step must move, read p, g, m, v and write p, m, v: 28 bytes per fp32 element
-(3.5 GB per step here), the same count for every provider.
+so a round is the step alone: its host work (Python, launches) and its GPU work, synchronized at
+the end, as an isolated step; in training the host work overlaps the end of the backward. Each
+result records ms and GB/s in `extra_info`; GB/s counts the bytes an AdamW step must move, read
+p, g, m, v and write p, m, v: 28 bytes per fp32 element (3.5 GB per step here), the same count
+for every provider, so it understates a kernel whose step is partly host time.
 
 On CUDA a second group times TritonAdamW with 1024 to 8192 elements a program.
 
