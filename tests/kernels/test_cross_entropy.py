@@ -433,6 +433,24 @@ def test_forward_and_backward_allocate_no_second_logits_buffer():
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations; the bench measures CUDA")
+def test_compiled_forward_and_backward_hold_one_logits_buffer():
+    """Under torch.compile the fused op runs on the head matmul's output and the backward scales
+    that saved buffer (inductor reuses it): one logits-sized buffer, plus the weight's gradient."""
+    torch._dynamo.reset()
+    n_rows, n_embd, vocab = 64, 32, 50257
+    model = torch.compile(TinyHead(n_embd, vocab, fused=False), fullgraph=True)
+    hidden, targets = torch.randn(n_rows, n_embd), make_targets((n_rows,), vocab, (3,))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(hidden.clone().requires_grad_(), targets).backward()
+
+    step()  # compile outside the count
+    logits_bytes, weight_bytes = n_rows * vocab * 4, vocab * n_embd * 4
+    assert peak_allocated_bytes(step) < 1.1 * logits_bytes + weight_bytes
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations; the bench measures CUDA")
 def test_linear_cross_entropy_never_forms_the_full_logits():
     n_rows, n_embd, vocab, chunk = 256, 16, 4099, 32
     hidden = torch.randn(n_rows, n_embd, requires_grad=True)
