@@ -6,8 +6,11 @@ Kernels know nothing of fastgpt; fastgpt decides in one place whether to call th
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib.util
 import os
+import pathlib
 
 import torch
 
@@ -69,3 +72,23 @@ def as_2d(x: torch.Tensor) -> torch.Tensor:
 # how a kernel splits its rows between programs, and each extra one costs test time.
 INTERPRET_PROGRAMS = 4
 
+
+@functools.lru_cache(maxsize=None)
+def kernels_source_tag(folder: pathlib.Path = pathlib.Path(__file__).parent) -> str:
+    """A name for this version of the kernel files: a hash of every .py file in `folder`."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return "fastgpt-kernels-" + digest.hexdigest()[:16]
+
+
+def tag_compile_caches() -> None:
+    """Put kernels_source_tag() into torch.compile's cache keys (keeping any tag already set).
+
+    torch's compile caches key a graph by the names of the ops in it, not by their code, so a
+    graph compiled against an older version of these ops would be reused after an upgrade: a
+    changed output arity fails obscurely, a changed meaning (say, a gradient no longer divided
+    by n) would train wrongly without a word. Called where the ops are registered."""
+    tag, current = kernels_source_tag(), torch.compiler.config.cache_key_tag
+    if tag not in current:
+        torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag

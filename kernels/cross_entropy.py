@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.common import as_2d, next_power_of_2, num_warps_for, on_device
+from kernels.common import as_2d, next_power_of_2, num_warps_for, on_device, tag_compile_caches
 
 # Elements one program handles per loop step: 16 warps x 32 lanes x 16 values on a GPU; big
 # enough that the interpreter sweeps a 50k vocabulary in 7 steps.
@@ -380,6 +380,7 @@ def _linear_backward(ctx, grad_loss, *_):
 
 
 _linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+tag_compile_caches()  # compiled graphs holding these ops are cached per version of their code
 
 
 # --- public API --------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from kernels.common import on_device
+from kernels.common import kernels_source_tag, on_device, tag_compile_caches
 
 
 def test_on_device_switches_only_to_another_gpu(monkeypatch):
@@ -18,3 +19,23 @@ def test_on_device_switches_only_to_another_gpu(monkeypatch):
     assert isinstance(on("cuda:0"), contextlib.nullcontext)
     guard = on("cuda:1")
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_compile_caches_are_keyed_by_the_kernels_source(tmp_path, monkeypatch):
+    """torch.compile's caches know the ops in a graph by name only: without the tag, a graph
+    compiled against older kernel code would be reused after an upgrade."""
+    pytest.importorskip("triton")
+    import kernels.cross_entropy  # noqa: F401  (registers its ops, and tags the caches)
+
+    assert kernels_source_tag() in torch.compiler.config.cache_key_tag
+
+    (tmp_path / "op.py").write_text("def f(): return 1\n")
+    before = kernels_source_tag(tmp_path)
+    (tmp_path / "op.py").write_text("def f(): return 2\n")
+    kernels_source_tag.cache_clear()
+    assert kernels_source_tag(tmp_path) != before
+
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "users-own")
+    tag_compile_caches()
+    tag_compile_caches()
+    assert torch.compiler.config.cache_key_tag == f"users-own+{kernels_source_tag()}"
