@@ -21,7 +21,7 @@ def test_on_device_switches_only_to_another_gpu(monkeypatch):
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
-def test_compile_caches_are_keyed_by_the_kernels_source(tmp_path, monkeypatch):
+def test_compile_caches_are_keyed_by_the_kernels_source(tmp_path):
     """torch.compile's caches know the ops in a graph by name only: without the tag, a graph
     compiled against older kernel code would be reused after an upgrade."""
     pytest.importorskip("triton")
@@ -35,7 +35,8 @@ def test_compile_caches_are_keyed_by_the_kernels_source(tmp_path, monkeypatch):
     kernels_source_tag.cache_clear()
     assert kernels_source_tag(tmp_path) != before
 
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "users-own")
-    tag_compile_caches()
-    tag_compile_caches()
-    assert torch.compiler.config.cache_key_tag == f"users-own+{kernels_source_tag()}"
+    with torch.compiler.config.patch(cache_key_tag="users-own"):
+        tag_compile_caches()
+        tag_compile_caches()
+        assert torch.compiler.config.cache_key_tag == f"users-own+{kernels_source_tag()}"
+    assert torch.compiler.config.cache_key_tag.endswith(kernels_source_tag())
