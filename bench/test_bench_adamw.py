@@ -7,6 +7,9 @@ Providers:
   triton   kernels.adamw.TritonAdamW: one launch per param group over all its parameters
   fused    torch.optim.AdamW(fused=True)
   foreach  torch.optim.AdamW(foreach=True), torch's default on CUDA (nanoGPT asks for fused)
+  compiled torch.optim.AdamW(foreach=True) with its step under torch.compile, which inductor
+           turns into a few fused kernels (torch's "compiled optimizer"; the lr is constant here,
+           a changing float lr would recompile)
 
 The parameters are GPT-2 124M's, built from the architecture (12 layers, 768 wide, vocab 50304,
 block 1024, no biases, lm_head tied to wte), in fp32, split into the two groups fastgpt uses
@@ -17,7 +20,8 @@ result records ms and GB/s in `extra_info`; GB/s counts the bytes an AdamW step 
 p, g, m, v and write p, m, v: 28 bytes per fp32 element (3.5 GB per step here), the same count
 for every provider, so it understates a kernel whose step is partly host time.
 
-On CUDA a second group times TritonAdamW with 1024 to 8192 elements a program.
+On CUDA a second group, run first, times TritonAdamW with 1024 to 8192 elements a program (the
+compiled provider runs last: its compile is the slowest part of the file).
 
 Without CUDA the triton provider is skipped (Triton's CPU interpreter would time numpy, not the
 kernel) and the torch providers run on the CPU over a scaled-down GPT (2 layers, 128 wide, vocab
@@ -69,12 +73,15 @@ def build(provider: str, block_size: int | None = None):
         groups.append({"params": params, "weight_decay": weight_decay})
     if provider == "triton":
         opt = TritonAdamW(groups, lr=LR, betas=BETAS, **({"block_size": block_size} if block_size else {}))
+    elif provider == "compiled":
+        opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, foreach=True)
     else:
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, **{provider: True})
     numel = sum(p.numel() for g in groups for p in g["params"])
+    opt_step = torch.compile(opt.step) if provider == "compiled" else opt.step
 
     def step():
-        opt.step()
+        opt_step()
         if CUDA:
             torch.cuda.synchronize()  # time the step, not its launch
 
@@ -82,7 +89,7 @@ def build(provider: str, block_size: int | None = None):
 
 
 def run(benchmark, step, numel) -> None:
-    step()  # state allocation (and, for triton, compilation) stays out of the timing
+    step()  # state allocation (and, for triton and compiled, compilation) stays out of the timing
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(
@@ -93,14 +100,6 @@ def run(benchmark, step, numel) -> None:
     )
 
 
-@pytest.mark.benchmark(group="adamw")
-@pytest.mark.parametrize("provider", ["triton", "fused", "foreach"])
-def test_adamw_step(benchmark, provider):
-    if provider == "triton" and not CUDA:
-        pytest.skip("the Triton provider is timed on CUDA only")
-    run(benchmark, *build(provider))
-
-
 @pytest.mark.benchmark(group="adamw block")
 @pytest.mark.skipif(not CUDA, reason="times the Triton kernel's chunk size on a GPU")
 @pytest.mark.parametrize("block_size", [1024, 2048, 4096, 8192])
@@ -108,3 +107,11 @@ def test_adamw_block_size(benchmark, block_size):
     """TritonAdamW with `block_size` elements a program (kernels.adamw.DEFAULT_BLOCK is 4096): more
     programs with fewer registers each, or fewer with more, to check the default on a GPU."""
     run(benchmark, *build("triton", block_size))
+
+
+@pytest.mark.benchmark(group="adamw")
+@pytest.mark.parametrize("provider", ["triton", "fused", "foreach", "compiled"])
+def test_adamw_step(benchmark, provider):
+    if provider == "triton" and not CUDA:
+        pytest.skip("the Triton provider is timed on CUDA only")
+    run(benchmark, *build(provider))
