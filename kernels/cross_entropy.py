@@ -169,8 +169,8 @@ def cross_entropy_rows(
     """Row losses (rows,) fp32 of logits (..., V) against targets (...).
 
     With write_grad, the logits (which must then be contiguous) are overwritten with
-    d(sum of row losses)/dlogits: softmax - onehot, 0 on ignored rows. row_loss: an optional (rows,) fp32 output.
-    block_size: a power of two, to force several blocks per row (tests)."""
+    d(sum of row losses)/dlogits: softmax - onehot, 0 on ignored rows. row_loss: an optional
+    (rows,) fp32 output. block_size: a power of two, to force several blocks per row (tests)."""
     if logits.dim() < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets {tuple(targets.shape)} must be logits {tuple(logits.shape)} without the last dim")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
