@@ -213,6 +213,21 @@ def default_chunk_size(n_rows: int, n_cols: int, itemsize: int) -> int:
     return max(1, math.ceil(n_rows / n_chunks))
 
 
+def _add_weight_grad(grad_weight: Tensor, z: Tensor, h_chunk: Tensor) -> None:
+    """grad_weight (V, C) fp32 += z.T @ h_chunk. The product sums a whole chunk of rows of
+    softmax - onehot, not yet divided by n: in fp16 it can pass 65504, and an inf there comes
+    before GradScaler's factor, which then cannot undo it. So fp16 products come out in fp32
+    (on CUDA straight from the fp16 matmul); bf16 has fp32's range."""
+    if z.dtype == grad_weight.dtype:
+        grad_weight.addmm_(z.T, h_chunk)
+    elif z.dtype == torch.float16 and z.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
+        grad_weight += torch.mm(z.T, h_chunk, out_dtype=torch.float32)
+    elif z.dtype == torch.float16:  # no fp16 -> fp32 matmul on the CPU
+        grad_weight.addmm_(z.T.float(), h_chunk.float())
+    else:
+        grad_weight += z.T @ h_chunk
+
+
 def linear_cross_entropy_chunked(
     hidden: Tensor,
     weight: Tensor,
@@ -254,10 +269,7 @@ def linear_cross_entropy_chunked(
             cross_entropy_rows(z, t[start:end], ignore_index, write_grad=with_grad, row_loss=row_loss[start:end])
             if with_grad:  # z now holds dS/dz
                 torch.mm(z, w, out=grad_hidden[start:end])
-                if z.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(z.T, h_chunk)
-                else:
-                    grad_weight += z.T @ h_chunk
+                _add_weight_grad(grad_weight, z, h_chunk)
             del z
     loss = mean_loss(row_loss, n_counted)
     if not with_grad:
@@ -293,7 +305,9 @@ def _mean_factor(upstream: Tensor, n_counted: Tensor) -> Tensor:
 def _scale_grad(grad: Tensor, factor: Tensor) -> Tensor:
     """grad * factor, in grad's dtype. Eager scales in place: the buffer is this op's own (or
     consumed logits), so backward allocates nothing. Under compile AOTAutograd would reject the
-    in-place write to a saved forward input, and inductor plans the buffers itself."""
+    in-place write to a saved forward input, and inductor plans the buffers itself. On CUDA the
+    eager multiply likely rounds the fp32 factor to grad's dtype first (a uniform scale error of
+    at most 2^-9 in bf16, which Adam's normalisation all but cancels); the CPU keeps it fp32."""
     return grad * factor if torch.compiler.is_compiling() else grad.mul_(factor)
 
 

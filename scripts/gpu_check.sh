@@ -34,7 +34,8 @@ run() {
   : >"$tmp/last.txt"
   timeout -k 10 "$cap" "$@" 2>&1 | tee -a "$log" "$tmp/last.txt"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 124 ] && echo "gpu_check: timed out after ${cap}s: $*" | tee -a "$log"
+  # 124: stopped at the cap; 137: killed 10 s after it (timeout -k)
+  { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && echo "gpu_check: timed out after ${cap}s: $*" | tee -a "$log"
   [ "$rc" -eq 0 ] || status=1
 }
 

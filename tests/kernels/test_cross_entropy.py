@@ -346,6 +346,21 @@ def test_linear_cross_entropy_under_autocast_keeps_the_inputs_dtype():
     close(w.grad, w_ref.grad, tol["grad"])
 
 
+def test_linear_cross_entropy_fp16_weight_gradient_beyond_fp16_range_before_scaling():
+    """1024 rows, all of target 0 and with a hidden column of 80, in one chunk: the unscaled
+    weight gradient's sum reaches 8e4, past fp16's 65504, though the scaled result is small."""
+    n_rows, n_embd, vocab = 1024, 4, 8
+    hidden = torch.zeros(n_rows, n_embd, device=DEVICE)
+    hidden[:, 0] = 80.0
+    weight = torch.randn(vocab, n_embd, device=DEVICE) / 4
+    targets = torch.zeros(n_rows, dtype=torch.long, device=DEVICE)
+    (loss, gh, gw), (ref_loss, ref_gh, ref_gw) = run_linear(hidden.half(), weight.half(), targets, None, 1.0)
+    assert torch.isfinite(gw).all()
+    w = weight.half().requires_grad_()  # torch's fp16 head, which scales before its matmul
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden.half(), w).float(), targets).backward()
+    assert (gw.float() - ref_gw).abs().max() <= 1.5 * (w.grad.float() - ref_gw).abs().max()
+
+
 def test_default_chunk_bounds_the_logits_bytes():
     n_rows, vocab = 16 * 1024, 50304  # GPT-2 124M at batch 16 x 1024
     chunk = ce.default_chunk_size(n_rows, vocab, 2)
