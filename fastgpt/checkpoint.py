@@ -158,18 +158,20 @@ def restore_training_state(
     return (iter_num, best_val_loss). nanoGPT's checkpoints lack the last three: the streams
     restart. The data positions are global, so any world size that divides the batch resumes;
     the RNG (dropout masks) continues exactly only on the world size that saved it."""
-    saved = checkpoint["optimizer"]
+    saved = checkpoint.get("optimizer")
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups) and isinstance(saved.get("state"), dict)):
+        raise CheckpointError(f"{path}: its 'optimizer' entry is not an optimizer state_dict "
+                              "(a dict of 'state' and a list of 'param_groups')")
     # How the optimizer runs is this run's choice, not the saved one's: torch's loader takes each
     # group's flags from the file, so a checkpoint of TritonAdamW (fused=None) would turn torch's
     # fused kernel off. The live flags go into the file's groups before loading, so the loader
     # also places the step counters where they will be used.
     chosen = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
-    if isinstance(saved, dict) and isinstance(saved.get("param_groups"), list):
-        saved = {**saved, "param_groups": [{**g, **flags} for g, flags in zip(saved["param_groups"], chosen)]
-                 + saved["param_groups"][len(chosen):]}
+    saved = {**saved, "param_groups": [{**g, **flags} for g, flags in zip(groups, chosen)] + groups[len(chosen):]}
     try:
         optimizer.load_state_dict(saved)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: its optimizer state does not fit this model: {e}") from e
     if checkpoint.get("scaler"):  # absent in nanoGPT's checkpoints, empty from a disabled (bf16/fp32) scaler
         scaler.load_state_dict(checkpoint["scaler"])

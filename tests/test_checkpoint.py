@@ -119,3 +119,14 @@ def test_resume_keeps_this_runs_optimizer_implementation():
     assert ck["optimizer"]["param_groups"][0]["foreach"] is True, "the checkpoint itself is left alone"
     fused.step()
     assert all(fused.state[p]["step"].item() == 2 for p in model.parameters())
+
+
+@pytest.mark.parametrize("entry", [None, [1, 2], {"state": {}, "param_groups": "x"}, {"param_groups": [{}]}])
+def test_resume_from_a_corrupt_optimizer_entry_is_a_clear_error(entry):
+    from fastgpt.distributed import DistInfo
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1))
+    ck = {"optimizer": entry, "iter_num": 1, "best_val_loss": 2.0, "config": {}}
+    with pytest.raises(CheckpointError, match=r"x.pt: its 'optimizer' entry is not an optimizer state_dict"):
+        ckpt_io.restore_training_state(ck, optimizer, torch.amp.GradScaler("cpu", enabled=False), {}, "x.pt", DistInfo())
