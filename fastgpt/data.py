@@ -13,9 +13,11 @@ a background thread, so the training loop never waits for them.
 
 from __future__ import annotations
 
+import atexit
 import pathlib
 import queue
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -152,6 +154,19 @@ class _Failure:
         self.error = error
 
 
+# Prefetchers whose worker thread is running, closed at interpreter exit (below).
+_RUNNING: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_prefetchers() -> None:
+    """Stop every worker before the interpreter tears down. A daemon thread still inside torch
+    while it does can abort the process ("terminate called without an active exception", exit
+    status 134): 5 of 60 exits of a script that never called close(), under torch 2.11."""
+    for prefetcher in list(_RUNNING):
+        prefetcher.close()
+
+
 class Prefetcher:
     """Batches of a BatchStream on a device, prepared by a background thread.
 
@@ -159,7 +174,8 @@ class Prefetcher:
     copies it to the device with non_blocking=True on its own CUDA stream, and queues it, staying
     at most `depth` batches ahead; `next()` costs a queue get. An exception on the thread is
     raised by the next `next()`, with its original traceback. `close()` stops the thread;
-    it is a daemon, so a forgotten prefetcher never blocks interpreter exit. The position saved
+    a forgotten prefetcher is closed at interpreter exit, and its thread is a daemon, so it never
+    blocks the exit. The position saved
     in checkpoints counts the batches handed out, not the ones prepared ahead.
     """
 
@@ -214,6 +230,7 @@ class Prefetcher:
                 pass
             self._thread.join(self.POLL_SECONDS)
         self._thread, self._queue = None, None
+        _RUNNING.discard(self)
 
     # ---- worker side
     def _start(self) -> None:
@@ -222,6 +239,7 @@ class Prefetcher:
         self._queue = queue.Queue(maxsize=self.depth)
         self._thread = threading.Thread(target=self._work, name="fastgpt-prefetch", daemon=True)
         self._thread.start()
+        _RUNNING.add(self)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():

@@ -111,6 +111,23 @@ def test_close_stops_a_blocked_worker_quickly():
     assert not any(t.name == "fastgpt-prefetch" and t.is_alive() for t in threading.enumerate() if t is worker)
 
 
+def test_running_prefetchers_are_closed_at_exit(tmp_path):
+    """The exit hook joins every running worker: a daemon thread left inside torch while the
+    interpreter tears down can abort the process (exit status 134, seen under torch 2.11)."""
+    from fastgpt import data
+
+    path = tmp_path / "t.bin"
+    TOKENS.tofile(path)
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    prefetchers = [Prefetcher(BatchStream(tokens, 4, 16, seed, "train"), "cpu") for seed in (0, 1)]
+    for p in prefetchers:
+        next(p)
+    threads = [p._thread for p in prefetchers]
+    assert set(prefetchers) <= set(data._RUNNING) and all(t.is_alive() for t in threads)
+    data._close_running_prefetchers()
+    assert not data._RUNNING and not any(t.is_alive() for t in threads)
+
+
 def test_interpreter_exits_without_close(tmp_path):
     path = tmp_path / "t.bin"
     TOKENS.tofile(path)
