@@ -5,12 +5,17 @@ import torch
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.checkpoint import CheckpointError
+from fastgpt.distributed import DistInfo
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.optim import param_groups
 from fastgpt.sample import build_parser, sample
 from fastgpt.train import train
 
 from conftest import tiny_config
+
+
+def small_gpt() -> GPT:
+    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
 
 
 def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -69,7 +74,7 @@ def test_nanogpt_checkpoint_samples_and_resumes(tmp_path, tiny_data):
 
 
 def test_load_model_state_names_shape_mismatch():
-    small = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    small = small_gpt()
     wide = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=48))
     with pytest.raises(CheckpointError, match=r"shape mismatch in transformer.wte.weight \(64, 48\) vs model \(64, 32\)"):
         ckpt_io.load_model_state(small, wide.state_dict(), "x.pt")
@@ -79,7 +84,7 @@ def test_load_model_state_names_shape_mismatch():
 
 
 def test_mask_buffers_of_old_nanogpt_are_ignored():
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    model = small_gpt()
     state = dict(model.state_dict())
     state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
     ckpt_io.load_model_state(model, state, "x.pt")
@@ -88,9 +93,7 @@ def test_mask_buffers_of_old_nanogpt_are_ignored():
 def test_fp16_resume_from_a_checkpoint_without_scaler_state():
     """nanoGPT's checkpoints have no scaler, and a bf16/fp32 run saves an empty one: an fp16 run
     resuming from either starts a fresh GradScaler instead of failing."""
-    from fastgpt.distributed import DistInfo
-
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    model = small_gpt()
     optimizer = torch.optim.AdamW(param_groups(model, 0.1))
     for saved_scaler in ({}, None):
         ck = {"optimizer": optimizer.state_dict(), "iter_num": 3, "best_val_loss": 2.0, "config": {}}
@@ -104,9 +107,7 @@ def test_fp16_resume_from_a_checkpoint_without_scaler_state():
 def test_resume_keeps_this_runs_optimizer_implementation():
     """A checkpoint written by another AdamW (TritonAdamW saves fused=None, as does foreach) must
     not switch this run's fused AdamW to the slower path: torch's loader copies the saved flags."""
-    from fastgpt.distributed import DistInfo
-
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    model = small_gpt()
     foreach = torch.optim.AdamW(param_groups(model, 0.1), foreach=True)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -123,9 +124,7 @@ def test_resume_keeps_this_runs_optimizer_implementation():
 
 @pytest.mark.parametrize("entry", [None, [1, 2], {"state": {}, "param_groups": "x"}, {"param_groups": [{}]}])
 def test_resume_from_a_corrupt_optimizer_entry_is_a_clear_error(entry):
-    from fastgpt.distributed import DistInfo
-
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    model = small_gpt()
     optimizer = torch.optim.AdamW(param_groups(model, 0.1))
     ck = {"optimizer": entry, "iter_num": 1, "best_val_loss": 2.0, "config": {}}
     with pytest.raises(CheckpointError, match=r"x.pt: its 'optimizer' entry is not an optimizer state_dict"):
