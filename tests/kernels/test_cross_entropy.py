@@ -108,6 +108,15 @@ def test_cross_entropy_fp16_under_grad_scaler():
     close(grad, ref_grad, (rtol, atol * GRAD_SCALER_SCALE / (n_rows - 1)))  # atol scaled as the gradient is
 
 
+def torch_fp16_head(hidden, weight, targets, upstream):
+    """(loss, dhidden, dweight) of torch's own fp16 head: the unfused reference on fp16 inputs,
+    whose logits are rounded to fp16 as ours are, with the loss in fp32."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = ce.linear_cross_entropy_reference(h, w, targets, IGNORE)
+    loss.backward(torch.tensor(upstream, device=DEVICE))
+    return loss, h.grad, w.grad
+
+
 def test_linear_cross_entropy_fp16_under_grad_scaler():
     """As close to the fp32 reference as torch's own fp16 head (F.linear in fp16, fp32 loss) is:
     both round the logits to fp16, so neither can do much better."""
@@ -116,11 +125,9 @@ def test_linear_cross_entropy_fp16_under_grad_scaler():
     weight = (torch.randn(vocab, n_embd, device=DEVICE) / n_embd**0.5).half()
     targets = make_targets((n_rows,), vocab, (3,))
     (loss, gh, gw), (ref_loss, ref_gh, ref_gw) = run_linear(hidden, weight, targets, 16, GRAD_SCALER_SCALE)
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    torch_loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), targets, ignore_index=IGNORE)
-    torch_loss.backward(torch.tensor(GRAD_SCALER_SCALE, device=DEVICE))
+    torch_loss, torch_gh, torch_gw = torch_fp16_head(hidden, weight, targets, GRAD_SCALER_SCALE)
     assert abs(loss - ref_loss) <= 2 * abs(torch_loss - ref_loss) + 1e-6
-    for ours, torch_fp16, ref in ((gh, h.grad, ref_gh), (gw, w.grad, ref_gw)):
+    for ours, torch_fp16, ref in ((gh, torch_gh, ref_gh), (gw, torch_gw, ref_gw)):
         assert ours.dtype == torch.float16 and torch.isfinite(ours).all()
         worst_torch = (torch_fp16.float() - ref).abs().max()
         assert (ours.float() - ref).abs().max() <= 1.5 * worst_torch
@@ -356,9 +363,8 @@ def test_linear_cross_entropy_fp16_weight_gradient_beyond_fp16_range_before_scal
     targets = torch.zeros(n_rows, dtype=torch.long, device=DEVICE)
     (loss, gh, gw), (ref_loss, ref_gh, ref_gw) = run_linear(hidden.half(), weight.half(), targets, None, 1.0)
     assert torch.isfinite(gw).all()
-    w = weight.half().requires_grad_()  # torch's fp16 head, which scales before its matmul
-    torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden.half(), w).float(), targets).backward()
-    assert (gw.float() - ref_gw).abs().max() <= 1.5 * (w.grad.float() - ref_gw).abs().max()
+    _, _, torch_gw = torch_fp16_head(hidden.half(), weight.half(), targets, 1.0)  # scales before its matmul
+    assert (gw.float() - ref_gw).abs().max() <= 1.5 * (torch_gw.float() - ref_gw).abs().max()
 
 
 def test_default_chunk_bounds_the_logits_bytes():
