@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastgpt.head_loss import CHUNK_LOGITS_BYTES, chunked_head_loss, count_targets
 from kernels.common import interpreting, triton_installed
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -60,11 +61,15 @@ def _torch_add_layer_norm(x, residual, weight, bias):
 
 
 def _torch_head_and_loss(hidden, weight, targets):
+    # On a CPU, logits past one chunk go through the chunked head + loss (fastgpt.head_loss):
+    # fewer passes over the largest tensor of the step. Small vocabularies, and CUDA (where this
+    # path is torch.compile's baseline), form the logits.
+    if hidden.device.type == "cpu" and hidden.shape[0] * weight.shape[0] * 4 > CHUNK_LOGITS_BYTES:
+        dtype = _autocast_dtype(hidden)
+        return None, chunked_head_loss(hidden.to(dtype), weight.to(dtype), targets, IGNORE_INDEX)
     logits = F.linear(hidden, weight)  # (N, V)
-    # The mean over the counted targets, 0 (not torch's nan) when every one is ignored, as the
-    # kernel defines it: a fully padded micro-batch adds nothing instead of poisoning the step.
     total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return logits, total / count_targets(targets, IGNORE_INDEX)
 
 
 TORCH_OPS = Ops("torch", _torch_layer_norm, _torch_add_layer_norm, _torch_head_and_loss, torch.optim.AdamW)
