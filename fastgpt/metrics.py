@@ -1,17 +1,24 @@
-"""Throughput and model FLOPs utilisation (MFU) against the device's peak.
+"""Throughput, model FLOPs utilisation (MFU) against the device's peak, and the run's metrics log.
 
 MFU = (model FLOPs per token x tokens per second) / peak FLOP/s, with the model's FLOPs counted as
 in the PaLM paper (appendix B): 6 per parameter per token plus attention's 12 * n_layer * n_embd * T.
 The peak is the datasheet's dense figure on a known GPU, and on a CPU the machine's own measured
 matmul rate for the dtype in use: a CPU has no datasheet number that means anything across VMs,
 core counts and BLAS builds, so we measure one, once, and cache it.
+
+ThroughputMeter turns the loop's log points into records (ms/iter, tok/s, MFU, data-wait share,
+peak memory, ETA); MetricsLog appends them to out_dir/metrics.jsonl, one JSON object a line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import pathlib
 import platform
+import sys
 import time
 
 import psutil
@@ -42,6 +49,10 @@ GPU_PEAK_FLOPS = (
 CPU_PEAK_MATMUL_SIZE = 1024
 CPU_PEAK_SECONDS = 0.5
 PEAK_CACHE_FILE = "peak_flops.json"
+METRICS_FILE = "metrics.jsonl"
+# The ETA's smoothing, per iteration: each iteration's time weighs 1% in the moving average, so
+# the ETA follows the last ~100 iterations whatever log_interval is, and one slow step barely moves it.
+ETA_BETA = 0.99
 
 
 def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
@@ -126,3 +137,174 @@ def host_summary() -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def peak_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes, what was measured): the CUDA allocator's peak on CUDA, else the process's peak RSS
+    (torch, Python and the data included), or None where the OS does not report it."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None, "not reported on this OS"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS of the process"  # macOS: bytes, Linux: KiB
+
+
+def describe_memory(device: torch.device) -> str:
+    mem, source = peak_memory(device)
+    return f"peak memory {mem / 2**20:,.1f} MiB ({source})" if mem is not None else f"peak memory {source}"
+
+
+def format_eta(seconds: float) -> str:
+    """1h02m, 6m10s, 42s."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def evals_left(iter_num: int, max_iters: int, eval_interval: int) -> int:
+    """Evaluations the loop still runs after iteration iter_num: at each multiple of eval_interval
+    up to max_iters, and at max_iters itself."""
+    return max_iters // eval_interval - iter_num // eval_interval + (1 if max_iters % eval_interval else 0)
+
+
+class ThroughputMeter:
+    """Timing between log points. `start()` before the loop, `pause()`/`resume()` around each
+    evaluation (kept out of every rate), `with meter.data():` around each batch fetch, and
+    `tick(iter_num, loss, lr)` at each log point, which returns the metrics record of the window.
+
+    The ETA is the iterations left times a moving average of the time per iteration (ETA_BETA),
+    plus the evaluations left times the mean evaluation (and checkpoint) time so far. The first
+    window holds one-time costs (compile, warm-up), so the second one reseeds the average."""
+
+    def __init__(self, tokens_per_iter: int, flops_per_iter: float, peak: float | None, max_iters: int,
+                 eval_interval: int, device: torch.device, clock=time.perf_counter):
+        self.tokens_per_iter, self.flops_per_iter, self.peak, self.device = tokens_per_iter, flops_per_iter, peak, device
+        self.max_iters, self.eval_interval, self.clock = max_iters, eval_interval, clock
+        self.avg_iter_s: float | None = None
+        self.windows = self.evals = 0
+        self.eval_s = self.data_s = 0.0
+
+    def start(self, iter_num: int, elapsed: float = 0.0) -> None:
+        """`elapsed`: seconds an earlier segment of this run took (a resume continues its clock)."""
+        self.t_process = self.clock()
+        self.t_start = self.t_window = self.t_process - elapsed
+        self.first_iter = self.last_iter = iter_num
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t_start
+
+    def pause(self) -> None:
+        self.t_pause = self.clock()
+
+    def resume(self) -> None:
+        now = self.clock()
+        self.eval_s += now - self.t_pause
+        self.evals += 1
+        self.t_window += now - self.t_pause  # the window's clock skips the evaluation
+
+    @contextlib.contextmanager
+    def data(self):
+        t = self.clock()
+        yield
+        self.data_s += self.clock() - t
+
+    def tick(self, iter_num: int, loss: float, lr: float) -> dict:
+        now = self.clock()
+        iters, wall = iter_num - self.last_iter, now - self.t_window
+        per_iter = wall / iters
+        weight = 1.0 if self.windows < 2 else 1 - ETA_BETA**iters  # windows 1 and 2 seed the average
+        self.avg_iter_s = per_iter if self.avg_iter_s is None else self.avg_iter_s + weight * (per_iter - self.avg_iter_s)
+        eval_s = self.eval_s / self.evals if self.evals else 0.0
+        eta = (self.max_iters - iter_num) * self.avg_iter_s + evals_left(iter_num, self.max_iters, self.eval_interval) * eval_s
+        record = {
+            "kind": "train", "iter": iter_num, "loss": loss, "lr": lr,
+            "ms_per_iter": per_iter * 1000, "tokens_per_s": self.tokens_per_iter / per_iter,
+            "mfu": self.flops_per_iter / per_iter / self.peak if self.peak else None,
+            "data_wait": self.data_s / wall if wall > 0 else 0.0, "peak_mem_bytes": peak_memory(self.device)[0],
+            "elapsed_s": now - self.t_start, "eta_s": eta,
+        }
+        self.windows += 1
+        self.t_window, self.last_iter, self.data_s = now, iter_num, 0.0
+        return record
+
+
+    def summary(self, iter_num: int, best_val_loss: float) -> str:
+        """The run's last line: this process's iterations and seconds, best val loss, peak memory."""
+        total = self.clock() - self.t_process
+        return (f"done: {iter_num - self.first_iter} iterations in {total:.1f} s ({total - self.eval_s:.1f} s training, "
+                f"{self.eval_s:.1f} s evaluating and saving); best val loss {best_val_loss:.4f}; {describe_memory(self.device)}")
+
+
+def format_log_line(record: dict) -> str:
+    """iter 1000: loss 1.6423, lr 1.76e-03, 146.7 ms/iter, 27,928 tok/s, mfu 48.5%, eta 6m10s"""
+    mfu = f", mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
+    return (f"iter {record['iter']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, {record['ms_per_iter']:.1f} ms/iter, "
+            f"{record['tokens_per_s']:,.0f} tok/s{mfu}, eta {format_eta(record['eta_s'])}")
+
+
+def metrics_path(out_dir: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(out_dir) / METRICS_FILE
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    """Appends records to out_dir/metrics.jsonl, one JSON object a line, each flushed as it is
+    written so a crash keeps every line before it. A resume appends to the same file. Non-finite
+    numbers (a diverged loss) are written as null, so every line is strict JSON. A no-op when
+    disabled (ranks other than 0)."""
+
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True):
+        self.path = metrics_path(out_dir)
+        self.file = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            cut = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+            self.file = open(self.path, "a", encoding="utf-8")
+            if cut:
+                self.file.write("\n")  # a line cut off by a crash: the next record starts a line of its own
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], int]:
+    """(the records of a metrics.jsonl, how many lines were not records and were skipped): a line
+    cut off by a crash is skipped, not fatal."""
+    records, skipped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and "kind" in record and isinstance(record.get("iter"), int):
+                records.append(record)
+            else:
+                skipped += 1
+    return records, skipped
+
+
+def elapsed_before(path: str | os.PathLike, iter_num: int) -> float:
+    """The elapsed_s of the last record at or before iter_num in a metrics.jsonl (0 without one):
+    where a run resumed from iteration iter_num goes on counting."""
+    records = read_metrics(path)[0] if os.path.exists(path) else []
+    times = [r["elapsed_s"] for r in records if r["iter"] <= iter_num and isinstance(r.get("elapsed_s"), (int, float))]
+    return times[-1] if times else 0.0

@@ -7,7 +7,8 @@
     python -m fastgpt.train --help                            # every field, its default and why
 
 A config file holds plain assignments of TrainConfig fields (nanoGPT's names); `--key=value`
-overrides it. Checkpoints land in out_dir/ckpt.pt at each evaluation.
+overrides it. Checkpoints land in out_dir/ckpt.pt at each evaluation, every log line and
+evaluation in out_dir/metrics.jsonl, and a picture of the losses in out_dir/loss.png at the end.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from fastgpt import checkpoint as ckpt_io
 from fastgpt import distributed
 from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.data import BatchStream, DataError, Prefetcher, open_tokens
-from fastgpt.metrics import describe_peak, host_summary, peak_flops
+from fastgpt.metrics import (MetricsLog, ThroughputMeter, describe_peak, elapsed_before, format_log_line, host_summary,
+                             metrics_path, peak_flops)
 from fastgpt.model import GPT, GPTConfig, padded_vocab_size
 from fastgpt.ops import KernelChoiceError, get_ops, resolve_kernels
 from fastgpt.optim import get_lr, make_optimizer, set_lr
+from fastgpt.plot import save_plot
 from fastgpt.prepare import ensure_dataset
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
 from fastgpt.tokenizer import dataset_vocab_size
@@ -141,6 +144,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
         bias=cfg.bias,
     )
     ckpt_path = ckpt_io.checkpoint_path(cfg.out_dir)
+    log_path = metrics_path(cfg.out_dir)
     checkpoint = None
     if cfg.init_from == "resume":  # every rank reads the same file
         checkpoint = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
@@ -162,9 +166,10 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     else:
         torch.manual_seed(cfg.seed + dist_info.rank)  # dropout masks differ across ranks
         if not cfg.eval_only and dist_info.is_master:
-            moved = ckpt_io.set_aside_existing(ckpt_path)
-            if moved:
-                log(f"kept the previous run's checkpoint as {moved}")
+            for path in (ckpt_path, log_path):
+                moved = ckpt_io.set_aside_existing(path)
+                if moved:
+                    log(f"kept the previous run's {path.name} as {moved}")
 
     # ---------------------------------------------------------------- compile, DDP
     raw_model = model  # checkpoints hold the uncompiled, unwrapped module's state dict
@@ -187,22 +192,25 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- the loop
     start_iter, losses, lr, mfu = iter_num, {}, cfg.learning_rate, None
     history = {"train": [], "eval": []}  # (iter, loss) at log points; (iter, train, val) at evaluations
-    t_last, iters_since_log = time.perf_counter(), 0
-    t_start, eval_seconds = t_last, 0.0
+    metrics = cleanup.enter_context(contextlib.closing(MetricsLog(cfg.out_dir, dist_info.is_master)))
+    metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "config": cfg.to_dict()})
+    meter = ThroughputMeter(tokens_per_iter, flops_per_iter, peak, cfg.max_iters, cfg.eval_interval, device)
+    meter.start(iter_num, elapsed_before(log_path, iter_num) if start_iter else 0.0)  # a resume continues the clock
     while True:
         evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
         if evaluate and not (iter_num == start_iter and start_iter > 0):  # a resumed step was evaluated before saving
-            t_eval = time.perf_counter()
+            meter.pause()  # keep evaluation out of the timings
             losses = estimate_loss(model, eval_batches, cfg.eval_iters, ctx, dist_info)
             log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             history["eval"].append((iter_num, losses["train"], losses["val"]))
+            metrics.write({"kind": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                           "elapsed_s": meter.elapsed()})
             tracker.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr, "mfu": mfu}, iter_num)
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0:
                     save()
-            t_last, iters_since_log = time.perf_counter(), 0  # keep evaluation out of the timings
-            eval_seconds += t_last - t_eval
+            meter.resume()
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
 
@@ -213,7 +221,8 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
             # too, which is where DDP decides whether the coming backward synchronises.
             last = micro_step == micro_steps - 1
             with contextlib.nullcontext() if last or not dist_info.enabled else model.no_sync():
-                x, y = next(train_batches)
+                with meter.data():
+                    x, y = next(train_batches)
                 with ctx:
                     _, loss = model(x, y)
                     loss = loss / micro_steps  # the mean over micro-batches (DDP averages over ranks)
@@ -225,23 +234,19 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
-        iters_since_log += 1
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             # CPU-GPU sync (waits for the step); under DDP also a collective, for the mean over ranks.
             last_loss = distributed.mean_over_ranks(loss.item() * micro_steps, dist_info, device)
             history["train"].append((iter_num, last_loss))
-            per_iter = (time.perf_counter() - t_last) / iters_since_log
-            mfu = flops_per_iter / per_iter / peak if peak else None
-            log(
-                f"iter {iter_num}: loss {last_loss:.4f}, lr {lr:.2e}, {per_iter * 1000:.1f} ms/iter, "
-                f"{tokens_per_iter / per_iter:,.0f} tok/s" + (f", mfu {mfu:.1%}" if mfu is not None else "")
-            )
-            t_last, iters_since_log = time.perf_counter(), 0
+            record = meter.tick(iter_num, last_loss, lr)
+            mfu = record["mfu"]
+            log(format_log_line(record))
+            metrics.write(record)
     tracker.close()  # on an exception, wandb's own exit hook closes the run and marks it failed
-    total = time.perf_counter() - t_start
-    log(f"done: {iter_num - start_iter} iterations in {total:.1f} s ({total - eval_seconds:.1f} s training, "
-        f"{eval_seconds:.1f} s evaluating and saving); best val loss {best_val_loss:.4f}")
+    log(meter.summary(iter_num, best_val_loss))
+    if dist_info.is_master and not cfg.eval_only:
+        log(save_plot(log_path, pathlib.Path(cfg.out_dir) / "loss.png"))
     return {"iter_num": iter_num, "losses": losses, "best_val_loss": best_val_loss, "history": history, "model": raw_model}
 
 
