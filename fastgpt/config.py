@@ -95,6 +95,16 @@ class TrainConfig:
             "for ~30 s of compiling)"
         ),
     )
+    # --- profiling: `--profile` records a few training steps with torch.profiler, writes the traces
+    # to out_dir/profile/, prints where the time went and exits without saving a checkpoint
+    profile: bool = field(
+        default=False, metadata=_doc("profile wait+warmup+active training steps, report, exit; --profile alone means True")
+    )
+    profile_wait: int = field(
+        default=1, metadata=_doc("steps run before the profiler starts: the first one holds one-time costs (compile, allocation)")
+    )
+    profile_warmup: int = field(default=1, metadata=_doc("steps traced but discarded: the profiler's start-up skews them"))
+    profile_active: int = field(default=3, metadata=_doc("steps recorded into the traces and the summary"))
     seed: int = field(default=1337, metadata=_doc("base random seed (model init and batches)"))
     kernels: str = field(
         default="auto",
@@ -115,14 +125,17 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple", "ddp_timeout")
+                    "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple", "ddp_timeout", "profile_active")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
-        nonneg = ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr")
+        nonneg = ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr",
+                  "profile_wait", "profile_warmup")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.profile and self.eval_only:
+            raise ConfigError("profile=True profiles training steps; it cannot go with eval_only=True")
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ConfigError(f"compile={self.compile!r} is not allowed; choose True, False or 'auto'")
         if self.vocab_size is not None and self.vocab_size < 1:

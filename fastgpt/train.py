@@ -3,6 +3,7 @@
     python -m fastgpt.train                                   # configs/shakespeare_char.py
     python -m fastgpt.train configs/shakespeare_char.py --max_iters=500 --device=cpu
     python -m fastgpt.train configs/shakespeare_char.py --init_from=resume
+    python -m fastgpt.train configs/shakespeare_char.py --profile     # a few steps under torch.profiler
     torchrun --standalone --nproc_per_node=8 -m fastgpt.train configs/owt.py
     python -m fastgpt.train --help                            # every field, its default and why
 
@@ -32,6 +33,7 @@ from fastgpt.ops import KernelChoiceError, get_ops, resolve_kernels
 from fastgpt.optim import get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
 from fastgpt.prepare import ensure_dataset
+from fastgpt.profiling import StepProfiler
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
 from fastgpt.tokenizer import dataset_vocab_size
 from fastgpt.tracking import Tracker
@@ -40,17 +42,19 @@ from fastgpt.tracking import Tracker
 # same relative path is looked up in the working directory.
 DEFAULT_CONFIG_NAME = pathlib.Path("configs") / "shakespeare_char.py"
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
-USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--key=value ...]"
+USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--profile] [--key=value ...]"
 # Errors a user can fix from the message alone: printed as one line, exit status 2.
 USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, KernelChoiceError, FileNotFoundError)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\nWith no CONFIG, runs {DEFAULT_CONFIG_NAME}.")
+        print(f"{USAGE}\n\nWith no CONFIG, runs {DEFAULT_CONFIG_NAME}. --profile: a few training steps under torch.profiler")
+        print("(profile_wait/_warmup/_active), traces in out_dir/profile/, a summary of where the time went, no checkpoint.")
         print("Fields (--key=value; a config file assigns the same names). The defaults shown are nanoGPT's")
         print(f"GPT-2 124M recipe; a config file, including the default one, overrides them:\n{help_text()}")
         raise SystemExit(0)
+    argv = ["--profile=True" if a == "--profile" else a for a in argv]
     paths = [a for a in argv if not a.startswith("--")]
     if len(paths) > 1:
         raise ConfigError(f"expected at most one config file, got {paths}; {USAGE}")
@@ -165,7 +169,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
         checkpoint = None  # free the CPU copy of the weights
     else:
         torch.manual_seed(cfg.seed + dist_info.rank)  # dropout masks differ across ranks
-        if not cfg.eval_only and dist_info.is_master:
+        if not (cfg.eval_only or cfg.profile) and dist_info.is_master:
             for path in (ckpt_path, log_path):
                 moved = ckpt_io.set_aside_existing(path)
                 if moved:
@@ -192,12 +196,13 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- the loop
     start_iter, losses, lr, mfu = iter_num, {}, cfg.learning_rate, None
     history = {"train": [], "eval": []}  # (iter, loss) at log points; (iter, train, val) at evaluations
-    metrics = cleanup.enter_context(contextlib.closing(MetricsLog(cfg.out_dir, dist_info.is_master)))
+    metrics = cleanup.enter_context(contextlib.closing(MetricsLog(cfg.out_dir, dist_info.is_master and not cfg.profile)))
     metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "config": cfg.to_dict()})
     meter = ThroughputMeter(tokens_per_iter, flops_per_iter, peak, cfg.max_iters, cfg.eval_interval, device)
     meter.start(iter_num, elapsed_before(log_path, iter_num) if start_iter else 0.0)  # a resume continues the clock
+    prof = cleanup.enter_context(StepProfiler(cfg, device, dist_info.rank, cfg.max_iters - iter_num))
     while True:
-        evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+        evaluate = (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not cfg.profile
         if evaluate and not (iter_num == start_iter and start_iter > 0):  # a resumed step was evaluated before saving
             meter.pause()  # keep evaluation out of the timings
             losses = estimate_loss(model, eval_batches, cfg.eval_iters, ctx, dist_info)
@@ -211,7 +216,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
                 if iter_num > 0:
                     save()
             meter.resume()
-        if iter_num >= cfg.max_iters or cfg.eval_only:
+        if iter_num >= cfg.max_iters or cfg.eval_only or prof.done:
             break
 
         lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) if cfg.decay_lr else cfg.learning_rate
@@ -221,18 +226,20 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
             # too, which is where DDP decides whether the coming backward synchronises.
             last = micro_step == micro_steps - 1
             with contextlib.nullcontext() if last or not dist_info.enabled else model.no_sync():
-                with meter.data():
+                with prof.region("data"), meter.data():
                     x, y = next(train_batches)
-                with ctx:
+                with prof.region("forward"), ctx:
                     _, loss = model(x, y)
                     loss = loss / micro_steps  # the mean over micro-batches (DDP averages over ranks)
-                scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+                with prof.region("backward"):
+                    scaler.scale(loss).backward()
+        with prof.region("optimizer"):
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         iter_num += 1
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
@@ -243,9 +250,10 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
             mfu = record["mfu"]
             log(format_log_line(record))
             metrics.write(record)
+        prof.step()
     tracker.close()  # on an exception, wandb's own exit hook closes the run and marks it failed
-    log(meter.summary(iter_num, best_val_loss))
-    if dist_info.is_master and not cfg.eval_only:
+    log(prof.report() if cfg.profile else meter.summary(iter_num, best_val_loss))
+    if dist_info.is_master and not (cfg.profile or cfg.eval_only):
         log(save_plot(log_path, pathlib.Path(cfg.out_dir) / "loss.png"))
     return {"iter_num": iter_num, "losses": losses, "best_val_loss": best_val_loss, "history": history, "model": raw_model}
 
