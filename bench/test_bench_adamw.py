@@ -4,6 +4,10 @@ foreach AdamW, in the same run.
     pytest bench/test_bench_adamw.py --benchmark-only
 
 Providers:
+  fastgpt  what the trainer builds on this device (fastgpt.optim.make_optimizer with the ops that
+           kernels='auto' picks): TritonAdamW on CUDA, torch's fused AdamW on a CPU
+  default  torch.optim.AdamW with no implementation argument, as the reference trainer
+           (bench/reference.py) builds it: foreach on CUDA, a loop over parameters on a CPU
   triton   kernels.adamw.TritonAdamW: one launch per param group over all its parameters
   fused    torch.optim.AdamW(fused=True)
   foreach  torch.optim.AdamW(foreach=True), torch's default on CUDA (nanoGPT asks for fused)
@@ -24,8 +28,8 @@ On CUDA a second group, run first, times TritonAdamW with 1024 to 8192 elements 
 compiled provider runs last: its compile is the slowest part of the file).
 
 Without CUDA the triton provider is skipped (Triton's CPU interpreter would time numpy, not the
-kernel) and the torch providers run on the CPU over a scaled-down GPT (2 layers, 128 wide, vocab
-2048, block 128), so the file still runs and the two torch paths can be compared.
+kernel). At size "cpu" (bench/harness.py) the parameters are a scaled-down GPT (2 layers, 128
+wide, vocab 2048, block 128), so the file runs in seconds.
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.adamw import TritonAdamW
+from bench.harness import CUDA, DEVICE, LARGE, sync
+from fastgpt.ops import get_ops, resolve_kernels
+from fastgpt.optim import build_adamw
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 # GPT-2 124M (vocab padded to a multiple of 64, as nanoGPT does), or a CPU-sized stand-in.
-N_LAYER, N_EMBD, VOCAB, BLOCK_SIZE = (12, 768, 50304, 1024) if CUDA else (2, 128, 2048, 128)
-ROUNDS, WARMUP_ROUNDS = (50, 5) if CUDA else (20, 3)
+N_LAYER, N_EMBD, VOCAB, BLOCK_SIZE = (12, 768, 50304, 1024) if LARGE else (2, 128, 2048, 128)
+ROUNDS, WARMUP_ROUNDS = (50, 5) if LARGE else (20, 3)
 # nanoGPT's GPT-2 recipe.
 LR, BETAS, WEIGHT_DECAY = 6e-4, (0.9, 0.95), 0.1
 # Read p, g, m, v and write p, m, v, 4 bytes each.
@@ -71,7 +75,13 @@ def build(provider: str, block_size: int | None = None):
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         groups.append({"params": params, "weight_decay": weight_decay})
-    if provider == "triton":
+    if provider == "fastgpt":
+        opt = build_adamw(groups, LR, BETAS, DEVICE.type, get_ops(resolve_kernels("auto", DEVICE)).optimizer)
+    elif provider == "default":
+        opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS)
+    elif provider == "triton":
+        from kernels.adamw import TritonAdamW  # imports triton: only where it runs
+
         opt = TritonAdamW(groups, lr=LR, betas=BETAS, **({"block_size": block_size} if block_size else {}))
     elif provider == "compiled":
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, foreach=True)
@@ -82,8 +92,7 @@ def build(provider: str, block_size: int | None = None):
 
     def step():
         opt_step()
-        if CUDA:
-            torch.cuda.synchronize()  # time the step, not its launch
+        sync()
 
     return step, numel
 
@@ -93,7 +102,7 @@ def run(benchmark, step, numel) -> None:
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if CUDA else "cpu",
+        suite="adamw", shape_name=f"{numel / 1e6:.1f}M fp32", dtype="float32",
         params=numel,
         ms=round(seconds * 1e3, 3),
         gb_per_s=round(numel * BYTES_PER_FP32_ELEMENT / seconds / 1e9, 1),
@@ -110,7 +119,7 @@ def test_adamw_block_size(benchmark, block_size):
 
 
 @pytest.mark.benchmark(group="adamw")
-@pytest.mark.parametrize("provider", ["triton", "fused", "foreach", "compiled"])
+@pytest.mark.parametrize("provider", ["fastgpt", "default", "triton", "fused", "foreach", "compiled"])
 def test_adamw_step(benchmark, provider):
     if provider == "triton" and not CUDA:
         pytest.skip("the Triton provider is timed on CUDA only")

@@ -3,6 +3,8 @@
     pytest bench/test_bench_cross_entropy.py --benchmark-only
 
 Providers, measured in the same run so their ratios mean something:
+  fastgpt   (the head only) what the model calls with kernels='auto': the Triton op on CUDA, the
+            chunked torch op (fastgpt/head_loss.py) on a CPU
   triton    kernels.cross_entropy: the fused loss-and-gradient pass; linear_cross_entropy chunked
   eager     the fp32 references: F.cross_entropy on the logits upcast to fp32 (what nanoGPT and
             fastgpt's torch path do); for the head, F.linear in the input dtype first
@@ -12,14 +14,16 @@ Modes: forward, backward, forward+backward. Each round starts from fresh logits 
 outside the timed region: the Triton forward consumes them); backward times only the backward of
 a forward run in setup. Triton's backward is a scaling of the gradient its forward already wrote.
 
-Shapes: on CUDA, GPT-2 124M at batch 16 x 1024: logits (16384, 50304) in bf16, and the head at
-N = 16384, C = 768, V = 50304. Without CUDA the triton provider is skipped (the interpreter would
-time numpy) and the torch providers run on a small fp32 CPU shape, so that the file still runs.
+Shapes (bench/harness.py's size): "gpu", GPT-2 124M at batch 16 x 1024: logits (16384, 50304) in
+bf16, and the head at N = 16384, C = 768, V = 50304; "cpu", fp32 logits (256, 50304) and the head
+at N = 1024 (the CPU train step's 4 x 256). Without CUDA the triton provider is skipped (the
+interpreter would time numpy), and so is compiled for the head (inductor's CPU compile of it
+outlasts the file's budget); a further group sweeps the CPU op's chunk size.
 
 extra_info: ms (median); GB/s against a nominal byte count, the least any implementation must
 move (forward reads the logits once, backward writes their gradient once), so providers compare
-on one scale; TFLOP/s of the head's three matmuls (6NCV); and, for forward+backward on CUDA, the
-peak memory above what was allocated before the step (torch.cuda.max_memory_allocated delta).
+on one scale; TFLOP/s of the head's three matmuls (6NCV); and the peak memory above what was allocated
+before the step (bench.harness.peak_memory_bytes) for the head, and for the logits on CUDA.
 """
 
 from __future__ import annotations
@@ -30,43 +34,37 @@ import torch
 pytest.importorskip("triton")
 from kernels import cross_entropy as ce  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+from bench import harness  # noqa: E402
+from bench.harness import CUDA, DEVICE, LARGE, sync  # noqa: E402
+from fastgpt import head_loss  # noqa: E402
+from fastgpt.ops import get_ops, resolve_kernels  # noqa: E402
+
 IGNORE = -1
-if CUDA:  # GPT-2 124M, batch 16 x 1024, vocabulary padded to a multiple of 64
+if LARGE:  # GPT-2 124M, batch 16 x 1024, vocabulary padded to a multiple of 64
     N_ROWS, N_EMBD, VOCAB, DTYPE = 16 * 1024, 768, 50304, torch.bfloat16
     ROUNDS, WARMUP_ROUNDS = 20, 3
+    HEAD_ROWS, HEAD_ROUNDS, HEAD_WARMUP = N_ROWS, ROUNDS, WARMUP_ROUNDS
 else:
-    N_ROWS, N_EMBD, VOCAB, DTYPE = 256, 64, 8192, torch.float32
+    N_ROWS, N_EMBD, VOCAB, DTYPE = 256, 768, 50304, torch.float32
     ROUNDS, WARMUP_ROUNDS = 5, 1
+    # The head over the CPU train step's GPT-2 batch (4 x 256).
+    HEAD_ROWS, HEAD_ROUNDS, HEAD_WARMUP = 4 * 256, 3, 1
 PROVIDERS = ["triton", "eager", "compiled"]
 MODES = ["forward", "backward", "forward+backward"]
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()  # time the work, not its launch
+# fastgpt.head_loss's chunk budget, swept on a CPU (at CUDA sizes the Triton op runs instead).
+CPU_CHUNK_BYTES = [16 * 2**20, 64 * 2**20, 256 * 2**20]
 
 
 def loss_fn(provider: str, fused_head: bool):
+    if provider == "fastgpt":  # what the model calls on this device, kernels='auto'
+        head_and_loss = get_ops(resolve_kernels("auto", DEVICE)).head_and_loss
+        return lambda hidden, weight, targets, ignore: head_and_loss(hidden, weight, targets)[1]
     if provider == "triton":
         if not CUDA:
             pytest.skip("the triton provider needs CUDA: under the interpreter it would time numpy")
         return ce.linear_cross_entropy if fused_head else ce.cross_entropy
     reference = ce.linear_cross_entropy_reference if fused_head else ce.cross_entropy_reference
     return torch.compile(reference) if provider == "compiled" else reference
-
-
-def peak_bytes_above_start(step) -> int | None:
-    """Peak CUDA memory one call of step() allocates beyond what was live before it."""
-    if not CUDA:
-        return None
-    sync()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    step()
-    sync()
-    return torch.cuda.max_memory_allocated() - start
 
 
 @pytest.mark.benchmark(group="cross_entropy")
@@ -112,36 +110,57 @@ def test_cross_entropy(benchmark, provider, mode):
     seconds = benchmark.stats.stats.median
     logits_bytes = logits.numel() * logits.element_size()
     nominal = {"forward": 1, "backward": 1, "forward+backward": 2}[mode] * logits_bytes
-    info = dict(shape=[N_ROWS, VOCAB], dtype=str(DTYPE).removeprefix("torch."), ms=round(seconds * 1e3, 3),
+    info = dict(suite="cross_entropy", shape=[N_ROWS, VOCAB], dtype=str(DTYPE).removeprefix("torch."), ms=round(seconds * 1e3, 3),
                 gbps=round(nominal / seconds / 1e9, 1), logits_mb=round(logits_bytes / 1e6, 1))
     if mode == "forward+backward":
-        peak = peak_bytes_above_start(lambda: run_both(*forward()[0]))
-        info["peak_mb"] = None if peak is None else round(peak / 1e6, 1)
+        if CUDA:  # at the CPU size the logits are small; the head below counts CPU memory
+            info["peak_mb"] = round(harness.peak_memory_bytes(lambda: run_both(*forward()[0])) / 1e6, 1)
     benchmark.extra_info.update(info)
 
 
-@pytest.mark.benchmark(group="linear_cross_entropy")
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_linear_cross_entropy(benchmark, provider):
-    """The head and the loss, forward+backward: chunked Triton against matmul + F.cross_entropy."""
-    fn = loss_fn(provider, fused_head=True)
+def head_inputs():
     torch.manual_seed(0)
-    hidden = torch.randn(N_ROWS, N_EMBD, device=DEVICE).to(DTYPE).requires_grad_()
+    hidden = torch.randn(HEAD_ROWS, N_EMBD, device=DEVICE).to(DTYPE).requires_grad_()
     weight = (torch.randn(VOCAB, N_EMBD, device=DEVICE) * 0.02).to(DTYPE).requires_grad_()
-    targets = torch.randint(0, VOCAB, (N_ROWS,), device=DEVICE)
+    targets = torch.randint(0, VOCAB, (HEAD_ROWS,), device=DEVICE)
+    return hidden, weight, targets
+
+
+def run_head(benchmark, fn, **extra):
+    hidden, weight, targets = head_inputs()
 
     def step():
         hidden.grad = weight.grad = None
         fn(hidden, weight, targets, IGNORE).backward()
         sync()
 
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    benchmark.pedantic(step, rounds=HEAD_ROUNDS, warmup_rounds=HEAD_WARMUP)
     seconds = benchmark.stats.stats.median
     hidden.grad = weight.grad = None
-    peak = peak_bytes_above_start(step)
-    flops = 6 * N_ROWS * N_EMBD * VOCAB  # logits, grad_hidden, grad_weight
+    peak = harness.peak_memory_bytes(step)
+    flops = 6 * HEAD_ROWS * N_EMBD * VOCAB  # logits, grad_hidden, grad_weight
     benchmark.extra_info.update(
-        shape=[N_ROWS, N_EMBD, VOCAB], dtype=str(DTYPE).removeprefix("torch."), ms=round(seconds * 1e3, 3),
-        tflops=round(flops / seconds / 1e12, 2), full_logits_mb=round(N_ROWS * VOCAB * hidden.element_size() / 1e6, 1),
-        peak_mb=None if peak is None else round(peak / 1e6, 1),
+        suite="linear_cross_entropy", shape=[HEAD_ROWS, N_EMBD, VOCAB], dtype=str(DTYPE).removeprefix("torch."),
+        ms=round(seconds * 1e3, 3), tflops=round(flops / seconds / 1e12, 3),
+        full_logits_mb=round(HEAD_ROWS * VOCAB * hidden.element_size() / 1e6, 1), peak_mb=round(peak / 1e6, 1), **extra,
     )
+
+
+@pytest.mark.benchmark(group="linear_cross_entropy")
+@pytest.mark.parametrize("provider", ["fastgpt", *PROVIDERS])
+def test_linear_cross_entropy(benchmark, provider):
+    """The head and the loss, forward+backward: fastgpt's (the chunked Triton op on CUDA, the
+    chunked torch op on a CPU) against matmul + F.cross_entropy."""
+    if provider == "compiled" and not CUDA:
+        pytest.skip("inductor's CPU compile of the head takes longer than this file's budget")
+    run_head(benchmark, loss_fn(provider, fused_head=True))
+
+
+@pytest.mark.benchmark(group="linear_cross_entropy chunk")
+@pytest.mark.skipif(CUDA, reason="sweeps the CPU op's chunk; on CUDA the Triton op runs")
+@pytest.mark.parametrize("chunk_bytes", CPU_CHUNK_BYTES)
+def test_cpu_head_chunk(benchmark, chunk_bytes, monkeypatch):
+    """fastgpt.head_loss with `chunk_bytes` of logits a chunk (CHUNK_LOGITS_BYTES is the default)."""
+    monkeypatch.setattr(head_loss, "CHUNK_LOGITS_BYTES", chunk_bytes)
+    run_head(benchmark, head_loss.chunked_head_loss, suite="linear_cross_entropy chunk",
+             chunk_rows=head_loss.chunk_rows(VOCAB))

@@ -4,8 +4,8 @@ synchronous get_batch, in the same run.
     pytest bench/test_bench_data.py --benchmark-only
 
 Both draw GPT-2-sized batches (12 x 1024 tokens) from the same uint16 file. nanoGPT's get_batch
-re-opens the memmap, slices each window with Python, stacks them and copies to the device on the
-caller's thread; the prefetcher has done all of that on its thread before the call, so what the
+(bench/reference.py) re-opens the memmap, slices each window with Python, stacks them and copies
+to the device on the caller's thread; the prefetcher has done all of that on its thread before the call, so what the
 loop pays is a queue hand-off. Each result records the latency in microseconds.
 """
 
@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
+from bench.harness import DEVICE
+from bench.reference import get_batch
 from fastgpt.data import BatchStream, Prefetcher
 
 BATCH, BLOCK = 12, 1024
@@ -33,39 +34,22 @@ def token_file(tmp_path_factory):
     return path
 
 
-def nanogpt_get_batch(path, device):
-    """nanoGPT train.py's get_batch (memmap re-created per batch to dodge its memory issue)."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    ix = torch.randint(len(data) - BLOCK, (BATCH,))
-    x = torch.stack([torch.from_numpy(data[i : i + BLOCK].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + BLOCK].astype(np.int64)) for i in ix])
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @pytest.mark.benchmark(group="next_batch")
-def test_next_batch_nanogpt_sync(benchmark, token_file):
-    dev = device()
-    benchmark.pedantic(nanogpt_get_batch, args=(token_file, dev), rounds=200, warmup_rounds=10)
-    benchmark.extra_info["median_us"] = round(benchmark.stats.stats.median * 1e6, 1)
+@pytest.mark.parametrize("provider", ["prefetcher", "nanogpt"])
+def test_next_batch(benchmark, provider, token_file):
+    if provider == "nanogpt":
+        benchmark.pedantic(get_batch, args=(token_file, BATCH, BLOCK, DEVICE), rounds=200, warmup_rounds=10)
+    else:
+        tokens = np.memmap(token_file, dtype=np.uint16, mode="r")
+        batches = Prefetcher(BatchStream(tokens, BATCH, BLOCK, 0, "train"), DEVICE)
+        try:
+            next(batches)
 
+            def setup():
+                time.sleep(COMPUTE_SECONDS)  # the model's step, during which the worker refills
 
-@pytest.mark.benchmark(group="next_batch")
-def test_next_batch_prefetcher(benchmark, token_file):
-    tokens = np.memmap(token_file, dtype=np.uint16, mode="r")
-    batches = Prefetcher(BatchStream(tokens, BATCH, BLOCK, 0, "train"), device())
-    try:
-        next(batches)
-
-        def setup():
-            time.sleep(COMPUTE_SECONDS)  # the model's step, during which the worker refills
-
-        benchmark.pedantic(lambda: next(batches), setup=setup, rounds=200, warmup_rounds=10)
-        benchmark.extra_info["median_us"] = round(benchmark.stats.stats.median * 1e6, 1)
-    finally:
-        batches.close()
+            benchmark.pedantic(lambda: next(batches), setup=setup, rounds=200, warmup_rounds=10)
+        finally:
+            batches.close()
+    benchmark.extra_info.update(suite="next_batch", shape_name=f"{BATCH}x{BLOCK} uint16",
+                                median_us=round(benchmark.stats.stats.median * 1e6, 1))

@@ -19,9 +19,9 @@ SM), to check its default on a GPU.
 Modes, one benchmark group each: forward (with autograd recording, as in training), backward
 (torch.autograd.grad of a kept graph: no .grad accumulation is timed), forward+backward.
 
-On CUDA: (16384, 768) in bf16, GPT-2 small's width over 16 sequences of 1024 tokens. A round is
-CALLS_PER_ROUND back-to-back calls and one synchronize, so the GPU runs ahead of Python as it does
-in training; the benchmark's own stats are per round, `extra_info` has ms per call and GB/s.
+At size "gpu" (bench/harness.py): (16384, 768) in bf16, GPT-2 small's width over 16 sequences of
+1024 tokens. A round is CALLS_PER_ROUND back-to-back calls (on CUDA) and one synchronize, so the
+GPU runs ahead of Python as it does in training; the benchmark's own stats are per round, `extra_info` has ms per call and GB/s.
 
 Without CUDA the triton provider is skipped: Triton's CPU interpreter runs kernels in numpy, a
 correctness tool, not a performance number. The torch providers then run on (2048, 768) in fp32,
@@ -37,11 +37,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
+from bench.harness import CUDA, LARGE
+
 DEVICE = "cuda" if CUDA else "cpu"
-ROWS, COLS, DTYPE = (16384, 768, torch.bfloat16) if CUDA else (2048, 768, torch.float32)
+ROWS, COLS, DTYPE = (16384, 768, torch.bfloat16) if LARGE else (2048, 768, torch.float32)
 CALLS_PER_ROUND = 10 if CUDA else 1
-ROUNDS, WARMUP_ROUNDS = (50, 5) if CUDA else (20, 3)
+ROUNDS, WARMUP_ROUNDS = (50, 5) if LARGE else (20, 3)
 EPS = 1e-5
 BYTES_PER_ELEMENT = {"forward": 2, "backward": 3, "forward+backward": 5}  # times e, the element size
 PROVIDERS = ["triton", "eager", "compiled"]
@@ -114,7 +115,7 @@ def record(benchmark, mode: str, **extra) -> None:
     seconds_per_call = benchmark.stats.stats.median / CALLS_PER_ROUND
     nbytes = BYTES_PER_ELEMENT[mode] * ROWS * COLS * DTYPE.itemsize
     benchmark.extra_info.update(
-        shape=[ROWS, COLS],
+        suite="layer_norm", shape=[ROWS, COLS],
         dtype=str(DTYPE).removeprefix("torch."),
         calls_per_round=CALLS_PER_ROUND,
         ms_per_call=round(seconds_per_call * 1e3, 4),

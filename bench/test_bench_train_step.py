@@ -1,96 +1,141 @@
-"""One optimizer step of the default config's model (shakespeare_char: 4 layers of 128, 0.8M
-parameters, batch 32 x 128; launch-bound on a GPU, not GPT-2): fastgpt's step against plain
-PyTorch.
+"""One optimizer step, data included: fastgpt against the independent nanoGPT-style reference
+(bench/reference.py), at the same model, batch and dtype, in the same run.
 
     pytest bench/test_bench_train_step.py --benchmark-only
 
-Providers, measured in the same run so their ratio means something:
-  fastgpt    what `python -m fastgpt.train` does with its defaults: kernels='auto' (Triton
-             LayerNorm, fused head + loss and AdamW on CUDA; torch and fused AdamW elsewhere),
-             compile='auto' (torch.compile on CUDA), autocast dtype picked by dtype='auto' (fp32
-             on a CPU without fast bf16), exact GELU, flash SDPA
-  reference  nanoGPT's fp32 path in plain PyTorch (TF32 matmuls on CUDA, as nanoGPT and the
-             trainer set them), foreach (unfused) AdamW
+Providers:
+  fastgpt    what `python -m fastgpt.train` does with its defaults: the ops kernels='auto' picks
+             (Triton on CUDA; on a CPU torch ops with the chunked head + loss at large
+             vocabularies), compile='auto', fused AdamW (TritonAdamW on CUDA), batches from the
+             background prefetcher
+  reference  nanoGPT's loop in plain PyTorch: eager, full logits, torch.optim.AdamW's default
+             implementation, synchronous get_batch from the memmap
 
-Each result carries tokens/s and MFU in `extra_info`; MFU is against this machine's measured
-matmul peak for the dtype in use (on CUDA, the datasheet peak).
+Shapes: "default" is configs/shakespeare_char.py's model and batch (vocabulary 84 padded to
+128); "gpt2" is GPT-2 124M (vocab 50304, no biases), batch 4 x 256 at size "cpu" and 16 x 1024
+at size "gpu". The dtype is nanoGPT's policy for the device (fp32 on a CPU, bf16 on a GPU that has
+it) for both providers. Gradient clipping at 1.0, as both trainers do by default.
+
+extra_info: tokens_per_s, mfu (the PaLM count, 6N + 12 L C T FLOPs a token, against the
+datasheet peak on a GPU and this machine's measured matmul peak on a CPU) and peak_mb (memory one
+step allocates above what was live before it; bench.harness.peak_memory_bytes).
 """
 
 from __future__ import annotations
 
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 
+from bench import reference
+from bench.harness import DEVICE, LARGE, peak_memory_bytes, sync
 from fastgpt.config import read_config_file
+from fastgpt.data import BatchStream, Prefetcher, open_tokens
 from fastgpt.metrics import peak_flops
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.ops import TORCH_OPS, get_ops, resolve_kernels
-from fastgpt.optim import make_optimizer, param_groups
-from fastgpt.runtime import autocast, configure_backends, resolve_device, resolve_dtype
+from fastgpt.ops import get_ops, resolve_kernels
+from fastgpt.optim import make_optimizer
+from fastgpt.runtime import autocast, configure_backends, grad_scaler
 
-CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.py"
-# The shakespeare_char vocabulary (84 characters) padded to a multiple of 64.
-VOCAB = 128
-ROUNDS, WARMUP_ROUNDS = 30, 5
-MODEL = CONFIG.stem  # named in extra_info: not the GPT-2 shapes of the kernel benches
+CONFIG = read_config_file(pathlib.Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.py")
+SHAPES = {  # name -> (model fields, batch size)
+    "default": (dict(n_layer=CONFIG["n_layer"], n_head=CONFIG["n_head"], n_embd=CONFIG["n_embd"],
+                     block_size=CONFIG["block_size"], vocab_size=128), CONFIG["batch_size"]),
+    "gpt2": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024 if LARGE else 256, vocab_size=50304),
+             16 if LARGE else 4),
+}
+# (warmup, timed) rounds: a GPT-2 step takes ~10 s on a 2-core CPU
+ROUNDS = {"default": (5, 20), "gpt2": (5, 20) if LARGE else (1, 3)}
+LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
+N_TOKENS = 2**22
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train_step") / "train.bin"
+    np.random.default_rng(0).integers(0, 84, N_TOKENS, dtype=np.uint16).tofile(path)
+    return path
 
 
 @pytest.fixture(autouse=True)
 def trainer_backends():
-    """The trainer's backend settings (TF32 on CUDA, which the fp32 peak assumes), then the
-    previous ones back for whatever runs next in this process."""
+    """The trainer's backend settings (TF32 on CUDA, which the fp32 peak assumes), restored after."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    configure_backends(resolve_device("auto"))
+    configure_backends(DEVICE)
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def build(provider: str):
-    cfg = read_config_file(CONFIG)
-    device = resolve_device("auto")
-    dtype = resolve_dtype("auto", device) if provider == "fastgpt" else torch.float32
-    ops = get_ops(resolve_kernels("auto", device)) if provider == "fastgpt" else TORCH_OPS
+def fastgpt_step(fields, batch_size, dtype, path, cleanup):
+    ops = get_ops(resolve_kernels("auto", DEVICE))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB, n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, bias=False), ops).to(device)
-    if provider == "fastgpt":
-        opt = make_optimizer(model, 0.1, 1e-3, (0.9, 0.99), device.type, ops.optimizer)
-    else:
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.99), foreach=True)
-    # The trainer's compile='auto': compiled on CUDA (the warmup rounds absorb the compile).
-    forward = torch.compile(model) if provider == "fastgpt" and device.type == "cuda" else model
-    x = torch.randint(0, VOCAB, (cfg["batch_size"], cfg["block_size"]), device=device)
-    y = torch.randint(0, VOCAB, (cfg["batch_size"], cfg["block_size"]), device=device)
+    model = GPT(GPTConfig(**fields, dropout=0.0, bias=False), ops).to(DEVICE)
+    opt = make_optimizer(model, WEIGHT_DECAY, LR, BETAS, DEVICE.type, ops.optimizer)
+    forward = torch.compile(model) if DEVICE.type == "cuda" else model  # the trainer's compile='auto'
+    tokens = open_tokens(path, 84, fields["block_size"])
+    batches = Prefetcher(BatchStream(tokens, batch_size, fields["block_size"], 0, "train"), DEVICE)
+    cleanup.append(batches.close)
+    ctx, scaler = autocast(DEVICE, dtype), grad_scaler(DEVICE, dtype)
+
+    def step():  # the body of fastgpt/train.py's loop, one micro-step
+        x, y = next(batches)
+        with ctx:
+            _, loss = forward(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sync()
+
+    return step, model, ops.name
+
+
+def reference_step(fields, batch_size, dtype, path):
+    torch.manual_seed(0)
+    model = reference.ReferenceGPT(reference.ReferenceConfig(**fields, dropout=0.0, bias=False)).to(DEVICE)
+    opt = reference.configure_optimizer(model, WEIGHT_DECAY, LR, BETAS)
+    inner = reference.make_train_step(
+        model, opt, lambda: reference.get_batch(path, batch_size, fields["block_size"], DEVICE), DEVICE, dtype,
+        grad_clip=GRAD_CLIP)
 
     def step():
-        with autocast(device, dtype):
-            _, loss = forward(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # time the step, not its launch
+        inner()
+        sync()
 
-    tokens = x.numel()
-    flops = model.flops_per_token() * tokens
-    return step, tokens, flops, peak_flops(device, dtype), dtype, ops.name, forward is not model
+    return step
 
 
-@pytest.mark.benchmark(group="train_step")
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("provider", ["fastgpt", "reference"])
-def test_train_step(benchmark, provider):
-    step, tokens, flops, peak, dtype, kernels, compiled = build(provider)
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+def test_train_step(benchmark, provider, shape, token_file):
+    fields, batch_size = SHAPES[shape]
+    dtype = reference.nanogpt_dtype(DEVICE)
+    cleanup = []
+    try:
+        if provider == "fastgpt":
+            step, model, kernels = fastgpt_step(fields, batch_size, dtype, token_file, cleanup)
+            flops_per_token = model.flops_per_token()
+        else:
+            step, kernels = reference_step(fields, batch_size, dtype, token_file), "reference"
+            with torch.device("meta"):  # the same architecture, so the same count; no weights needed
+                flops_per_token = GPT(GPTConfig(**fields, bias=False)).flops_per_token()
+        warmup, rounds = ROUNDS[shape]
+        benchmark.group = f"train_step {shape}"
+        benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup)
+        peak_bytes = peak_memory_bytes(step)
+    finally:
+        for close in cleanup:
+            close()
     seconds = benchmark.stats.stats.median
+    tokens = batch_size * fields["block_size"]
+    peak = peak_flops(DEVICE, dtype)
     benchmark.extra_info.update(
-        model=MODEL,
-        dtype=str(dtype).removeprefix("torch."),
-        kernels=kernels,
-        compiled=compiled,
-        tokens_per_s=round(tokens / seconds),
-        mfu=round(flops / seconds / peak, 4) if peak else None,
-        peak_tflops=peak / 1e12 if peak else None,
+        suite="train_step", shape_name=f"{shape} {batch_size}x{fields['block_size']}",
+        dtype=str(dtype).removeprefix("torch."), kernels=kernels, model=fields,
+        tokens_per_s=round(tokens / seconds), mfu=round(flops_per_token * tokens / seconds / peak, 4) if peak else None,
+        peak_tflops=peak / 1e12 if peak else None, peak_mb=round(peak_bytes / 2**20, 1),
     )

@@ -37,9 +37,14 @@ def make_optimizer(
     device_type: str,
     optimizer_cls: type = torch.optim.AdamW,
 ) -> torch.optim.Optimizer:
-    """AdamW over the model's two parameter groups: torch's (fused where available) or another
-    class with its constructor, such as kernels.adamw.TritonAdamW."""
-    groups = param_groups(model, weight_decay)
+    """AdamW over the model's two parameter groups (see build_adamw)."""
+    return build_adamw(param_groups(model, weight_decay), learning_rate, betas, device_type, optimizer_cls)
+
+
+def build_adamw(groups: list[dict], learning_rate: float, betas: tuple[float, float], device_type: str,
+                optimizer_cls: type = torch.optim.AdamW) -> torch.optim.Optimizer:
+    """torch's AdamW (fused where available) or another class with its constructor, such as
+    kernels.adamw.TritonAdamW."""
     if optimizer_cls is torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused_adamw_available(device_type))
     return optimizer_cls(groups, lr=learning_rate, betas=betas)

@@ -1,0 +1,195 @@
+"""What every benchmark file shares: the size of the run, peak memory, the results file and the
+ratio table printed at the end of a session.
+
+Sizes follow the device: "gpu" (GPT-2 124M shapes in bf16) on CUDA, "cpu" (shapes a 2-core CPU
+runs in minutes) elsewhere; FASTGPT_BENCH_SIZE=cpu|gpu picks the other.
+
+Results: every benchmark appends one JSON line to FASTGPT_BENCH_RESULTS (default
+bench/results.jsonl) when it ends: suite, provider, shape, median/p20/p80 seconds, device, dtype,
+versions, git commit, time and the benchmark's extra_info, so runs on other machines and days
+can be compared (`python -m bench.plot` draws them).
+
+Ratios: each suite names the provider that is fastgpt's and the one it is compared with
+(SUITE_PAIRS); the table divides medians of the same run, so drift between runs cancels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+SIZE_ENV = "FASTGPT_BENCH_SIZE"
+SIZES = ("cpu", "gpu")
+SIZE = os.environ.get(SIZE_ENV, "gpu" if CUDA else "cpu")
+if SIZE not in SIZES:
+    raise ValueError(f"{SIZE_ENV}={SIZE!r} is not a size; use one of {', '.join(SIZES)}")
+LARGE = SIZE == "gpu"
+RESULTS_ENV = "FASTGPT_BENCH_RESULTS"
+DEFAULT_RESULTS = pathlib.Path(__file__).resolve().parent / "results.jsonl"
+# suite -> (fastgpt's provider, the provider it is compared with)
+SUITE_PAIRS = {
+    "train_step": ("fastgpt", "reference"),
+    "next_batch": ("prefetcher", "nanogpt"),
+    "adamw": ("fastgpt", "default"),
+    "linear_cross_entropy": ("fastgpt", "eager"),
+    "cross_entropy": ("triton", "eager"),
+    "layer_norm": ("triton", "eager"),
+}
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()  # CPU-GPU sync: time the work, not its launch
+
+
+def peak_memory_bytes(fn) -> int:
+    """Peak memory one call of fn allocates beyond what was live before it: on CUDA the
+    allocator's high-water mark; on a CPU the running sum of torch's allocation and free events
+    under the profiler (fn runs twice there, counted the second time: a first profiled run can
+    miss the free of a block allocated before profiling began and overstate the peak)."""
+    if CUDA:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _git_commit() -> str | None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def _device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if CUDA:
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+class Session:
+    """The results of one pytest session: appended to the results file as each ends, and the
+    ratio table at the end."""
+
+    def __init__(self):
+        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.context = {"run": self.started, "device": _device_name(), "size": SIZE, "versions": _versions(),
+                        "commit": _git_commit()}
+        self.records: list[dict] = []
+
+    def add(self, name: str, params: dict, stats, extra: dict) -> dict:
+        """One benchmark's record (stats: pytest-benchmark's Stats, seconds a round)."""
+        data = sorted(stats.data)
+        quantile = lambda q: data[min(len(data) - 1, int(q * len(data)))]  # noqa: E731
+        params = dict(params or {})
+        provider = str(params.pop("provider", extra.get("provider", "-")))
+        record = {
+            **self.context,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "suite": extra.get("suite", name.split("[")[0].removeprefix("test_")),
+            "test": name,
+            "provider": provider,
+            "shape": extra.get("shape_name") or _shape_text(params, extra),
+            "dtype": extra.get("dtype"),
+            "median_s": stats.median,
+            "p20_s": quantile(0.2),
+            "p80_s": quantile(0.8),
+            "rounds": stats.rounds,
+            "extra": extra,
+        }
+        self.records.append(record)
+        path = pathlib.Path(os.environ.get(RESULTS_ENV, DEFAULT_RESULTS))
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        return record
+
+    def table(self) -> list[str]:
+        return ratio_table(self.records)
+
+
+def _shape_text(params: dict, extra: dict) -> str:
+    parts = [f"{k}={v}" for k, v in sorted(params.items())]
+    if "shape" in extra:
+        parts.insert(0, "x".join(map(str, extra["shape"])))
+    return " ".join(parts) or "-"
+
+
+def _fmt_rate(value) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def ratio_table(records: list[dict]) -> list[str]:
+    """Lines of the table: per suite and shape, fastgpt's median against its baseline's, from
+    the same run. A pair with a side missing (a provider skipped on this device) is listed as
+    such, never as a ratio."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        by_key.setdefault((r["suite"], r["shape"]), {})[r["provider"]] = r
+    lines = [f"{'suite':<22} {'shape':<34} {'ours / baseline':<24} {'ms':>19} {'speedup':>8} "
+             f"{'tokens/s':>19} {'mfu':>13} {'peak MB':>15}"]
+    for (suite, shape), providers in sorted(by_key.items()):
+        if suite not in SUITE_PAIRS:
+            continue
+        ours_name, base_name = SUITE_PAIRS[suite]
+        ours, base = providers.get(ours_name), providers.get(base_name)
+        if ours is None and base is None:  # a sweep of one provider's settings, not a pair
+            continue
+        names = f"{ours_name} / {base_name}"
+        if ours is None or base is None:
+            missing = ours_name if ours is None else base_name
+            lines.append(f"{suite:<22} {shape[:34]:<34} {names:<24} {missing} not run on this device")
+            continue
+        pair = (ours, base)
+        ms = " / ".join(f"{r['median_s'] * 1e3:.4g}" for r in pair)
+        toks = " / ".join(_fmt_rate(r["extra"].get("tokens_per_s")) for r in pair)
+        mfus = [r["extra"].get("mfu") for r in pair]
+        mfu = " / ".join("-" if m is None else f"{m:.1%}" for m in mfus)
+        peaks = [r["extra"].get("peak_mb") for r in pair]
+        peak = " / ".join("-" if p is None else f"{p:,.0f}" for p in peaks)
+        speedup = base["median_s"] / ours["median_s"]
+        lines.append(f"{suite:<22} {shape[:34]:<34} {names:<24} {ms:>19} {speedup:>7.2f}x {toks:>19} {mfu:>13} {peak:>15}")
+    return lines
