@@ -10,7 +10,8 @@ versions, git commit, time and the benchmark's extra_info, so runs on other mach
 can be compared (`python -m bench.plot` draws them).
 
 Ratios: each suite names the provider that is fastgpt's and the one it is compared with
-(SUITE_PAIRS); the table divides medians of the same run, so drift between runs cancels.
+(SUITE_PAIRS); the table divides medians of the same run, so drift between runs cancels, and
+shows the wider p20-p80 spread of the two, within which a speedup is noise.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import platform
 import subprocess
 
 import torch
+
+from fastgpt.profiling import cpu_peak_allocated_bytes
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -53,8 +56,7 @@ def sync() -> None:
 def peak_memory_bytes(fn) -> int:
     """Peak memory one call of fn allocates beyond what was live before it: on CUDA the
     allocator's high-water mark; on a CPU the running sum of torch's allocation and free events
-    under the profiler (fn runs twice there, counted the second time: a first profiled run can
-    miss the free of a block allocated before profiling began and overstate the peak)."""
+    under the profiler (fastgpt.profiling.cpu_peak_allocated_bytes)."""
     if CUDA:
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -62,17 +64,7 @@ def peak_memory_bytes(fn) -> int:
         fn()
         sync()
         return torch.cuda.max_memory_allocated() - start
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(2):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return cpu_peak_allocated_bytes(fn)
 
 
 def _git_commit() -> str | None:
@@ -169,7 +161,7 @@ def ratio_table(records: list[dict]) -> list[str]:
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in records:
         by_key.setdefault((r["suite"], r["shape"]), {})[r["provider"]] = r
-    lines = [f"{'suite':<22} {'shape':<34} {'ours / baseline':<24} {'ms':>19} {'speedup':>8} "
+    lines = [f"{'suite':<22} {'shape':<34} {'ours / baseline':<24} {'ms':>19} {'speedup':>8} {'spread':>7} "
              f"{'tokens/s':>19} {'mfu':>13} {'peak MB':>15}"]
     for (suite, shape), providers in sorted(by_key.items()):
         if suite not in SUITE_PAIRS:
@@ -191,5 +183,11 @@ def ratio_table(records: list[dict]) -> list[str]:
         peaks = [r["extra"].get("peak_mb") for r in pair]
         peak = " / ".join("-" if p is None else f"{p:,.0f}" for p in peaks)
         speedup = base["median_s"] / ours["median_s"]
-        lines.append(f"{suite:<22} {shape[:34]:<34} {names:<24} {ms:>19} {speedup:>7.2f}x {toks:>19} {mfu:>13} {peak:>15}")
+        # the wider p20-p80 range of the two, relative to its median: a speedup inside it is noise
+        spread = max((r["p80_s"] - r["p20_s"]) / r["median_s"] for r in pair)
+        lines.append(f"{suite:<22} {shape[:34]:<34} {names:<24} {ms:>19} {speedup:>7.2f}x {spread:>7.0%} {toks:>19} "
+                     f"{mfu:>13} {peak:>15}")
+    if any((r["extra"].get("mfu") or 0) > 1 for r in records):
+        lines.append("mfu above 100%: the CPU's matmul peak was measured while the machine was busy; delete "
+                     "peak_flops.json in fastgpt's cache folder ($FASTGPT_CACHE_DIR or ~/.cache/fastgpt) to measure it again")
     return lines

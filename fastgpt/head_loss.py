@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Rows of logits per chunk, by bytes: large enough that the weight gradient's accumulation
-# (a read and write of all of dL/dW per chunk) stays a small share, small enough that a chunk
-# stays far below the full logits. bench/test_bench_cross_entropy.py sweeps it.
-CHUNK_LOGITS_BYTES = 64 * 2**20
+# Rows of logits per chunk, by bytes: each chunk reads and writes all of dL/dW, and its matmuls
+# lose efficiency on a multi-core CPU as the rows shrink, so chunks are large; the memory saved is
+# the full logits beyond one chunk, and the log-softmax and probabilities never kept.
+# bench/test_bench_cross_entropy.py sweeps it.
+CHUNK_LOGITS_BYTES = 256 * 2**20
 
 
 def count_targets(targets: Tensor, ignore_index: int) -> Tensor:
@@ -57,7 +58,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 z.mul_(counted[:, None])  # an ignored row has no gradient
                 z = z.to(hidden.dtype)
                 torch.mm(z, weight, out=grad_hidden[start : start + rows])
-                grad_weight += z.t() @ h  # accumulated in fp32 across chunks
+                if h.dtype == torch.float32:
+                    grad_weight.addmm_(z.t(), h)  # in place: no (V, C) temporary per chunk
+                else:
+                    grad_weight += (z.t() @ h).float()  # half-precision product, fp32 sum across chunks
         scale = 1.0 / count_targets(targets, ignore_index).float()
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, scale)

@@ -17,12 +17,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastgpt.head_loss import CHUNK_LOGITS_BYTES, chunked_head_loss, count_targets
+from fastgpt.head_loss import chunked_head_loss, count_targets
 from kernels.common import interpreting, triton_installed
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
 IGNORE_INDEX = -1  # nanoGPT's convention: targets of -1 are not counted
+# fp32 logits past this size take the fused head + loss on a CPU; below it the extra passes over
+# the logits cost little.
+CPU_FUSED_HEAD_MIN_BYTES = 32 * 2**20
 
 
 class KernelChoiceError(ValueError):
@@ -61,10 +64,10 @@ def _torch_add_layer_norm(x, residual, weight, bias):
 
 
 def _torch_head_and_loss(hidden, weight, targets):
-    # On a CPU, logits past one chunk go through the chunked head + loss (fastgpt.head_loss):
-    # fewer passes over the largest tensor of the step. Small vocabularies, and CUDA (where this
-    # path is torch.compile's baseline), form the logits.
-    if hidden.device.type == "cpu" and hidden.shape[0] * weight.shape[0] * 4 > CHUNK_LOGITS_BYTES:
+    # On a CPU, large logits go through the fused head + loss (fastgpt.head_loss): no log-softmax
+    # or probabilities kept, and past one chunk no full logits. Small vocabularies, and CUDA
+    # (where this path is torch.compile's baseline), form the logits.
+    if hidden.device.type == "cpu" and hidden.shape[0] * weight.shape[0] * 4 > CPU_FUSED_HEAD_MIN_BYTES:
         dtype = _autocast_dtype(hidden)
         return None, chunked_head_loss(hidden.to(dtype), weight.to(dtype), targets, IGNORE_INDEX)
     logits = F.linear(hidden, weight)  # (N, V)

@@ -137,3 +137,19 @@ def summarize(averages, steps: int, cuda: bool) -> str:
             if us > 0:
                 lines.append(f"  {e.key[:55]:<56}{us / steps / 1e3:>10.3f}{us / total:>9.1%}{e.count / steps:>12.1f}")
     return "\n".join(lines)
+
+
+def cpu_peak_allocated_bytes(fn) -> int:
+    """Peak of the bytes torch's CPU allocator holds while fn runs, above what it held before: the
+    profiler's allocation and free events, summed in order. fn runs twice, counted the second
+    time: a first profiled run can miss the free of a block allocated before profiling began
+    (torch warns of a "block of unknown size"), which overstates its peak."""
+    for _ in range(2):
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

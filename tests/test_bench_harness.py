@@ -45,6 +45,7 @@ def test_ratio_table_pairs_the_same_run_and_names_what_is_missing(session):
     table = session.table()
     train = next(line for line in table if line.startswith("train_step"))
     assert "fastgpt / reference" in train and "2.00x" in train  # 1.0 s / 0.5 s
+    assert " 50% " in train  # fastgpt's p80 - p20 = 0.7 - 0.45 over its median 0.5
     assert "8,192 / 4,096" in train and "50.0% / 25.0%" in train and "100 / 150" in train
     ln = next(line for line in table if line.startswith("layer_norm"))
     assert "triton not run on this device" in ln and "x " not in ln.split("eager")[-1]

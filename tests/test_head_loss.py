@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from fastgpt import ops
 from fastgpt.head_loss import chunked_head_loss
 from fastgpt.model import GPT, GPTConfig
+from fastgpt.profiling import cpu_peak_allocated_bytes
 
 IGNORE = -1
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
@@ -67,19 +67,6 @@ def test_shape_mismatch_is_one_line():
         chunked_head_loss(hidden, weight[:, :4], targets)
 
 
-def peak_allocated_bytes(fn) -> int:
-    """Peak bytes torch's CPU allocator holds while fn runs (second of two profiled runs: the first
-    can miss a free of a block allocated before profiling began)."""
-    for _ in range(2):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    live = peak = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_never_forms_the_full_logits():
     n, c, v, rows = 512, 16, 4099, 32
     hidden, weight, targets = inputs(n, c, v)
@@ -95,8 +82,8 @@ def test_never_forms_the_full_logits():
 
     # a chunk of logits (and its temporaries), the fp32 weight-gradient accumulator, grad_hidden
     budget = 3 * rows * v * 4 + 3 * weight.numel() * 4 + 3 * hidden.numel() * 4
-    assert peak_allocated_bytes(chunked) < budget < 0.5 * logits_bytes
-    assert peak_allocated_bytes(unfused) > 2 * logits_bytes
+    assert cpu_peak_allocated_bytes(chunked) < budget < 0.5 * logits_bytes
+    assert cpu_peak_allocated_bytes(unfused) > 2 * logits_bytes
 
 
 def test_the_cpu_torch_path_chunks_a_large_vocabulary(monkeypatch):
@@ -110,7 +97,7 @@ def test_the_cpu_torch_path_chunks_a_large_vocabulary(monkeypatch):
     full_loss.backward()
     full = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    monkeypatch.setattr(ops, "CHUNK_LOGITS_BYTES", 32 * 300 * 4 - 1)
+    monkeypatch.setattr(ops, "CPU_FUSED_HEAD_MIN_BYTES", 32 * 300 * 4 - 1)
     logits, loss = model(x, y)
     loss.backward()
     assert full_logits is not None and logits is None

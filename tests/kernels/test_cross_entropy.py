@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from fastgpt.profiling import cpu_peak_allocated_bytes
 
 pytest.importorskip("triton")
 from kernels import cross_entropy as ce  # noqa: E402  (after the interpreter is chosen)
@@ -421,23 +422,6 @@ def test_compiled_matches_eager(fused):
 # --- memory ------------------------------------------------------------------------------------
 
 
-def peak_allocated_bytes(fn) -> int:
-    """Peak of the bytes torch's CPU allocator holds while fn runs, above what it held before:
-    the profiler's allocation and free events, summed in order. (Numpy buffers inside the Triton
-    interpreter are not torch allocations and do not count.) fn runs twice, counted the second
-    time: a first profiled run can miss the free of a block allocated before profiling began
-    (torch warns of a "block of unknown size"), which overstates its peak."""
-    for _ in range(2):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations; the bench measures CUDA")
 def test_forward_and_backward_allocate_no_second_logits_buffer():
     n_rows, vocab = 64, 50257
@@ -452,8 +436,8 @@ def test_forward_and_backward_allocate_no_second_logits_buffer():
         torch.nn.functional.cross_entropy(logits.clone().requires_grad_(), targets, ignore_index=IGNORE).backward()
 
     # Both count the clone they consume (1x) and return the gradient with it; the rest is extra.
-    assert peak_allocated_bytes(fused) < 1.1 * logits_bytes
-    assert peak_allocated_bytes(unfused) > 3.9 * logits_bytes
+    assert cpu_peak_allocated_bytes(fused) < 1.1 * logits_bytes
+    assert cpu_peak_allocated_bytes(unfused) > 3.9 * logits_bytes
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations; the bench measures CUDA")
@@ -471,7 +455,7 @@ def test_compiled_forward_and_backward_hold_one_logits_buffer():
 
     step()  # compile outside the count
     logits_bytes, weight_bytes = n_rows * vocab * 4, vocab * n_embd * 4
-    assert peak_allocated_bytes(step) < 1.1 * logits_bytes + weight_bytes
+    assert cpu_peak_allocated_bytes(step) < 1.1 * logits_bytes + weight_bytes
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations; the bench measures CUDA")
@@ -490,5 +474,5 @@ def test_linear_cross_entropy_never_forms_the_full_logits():
 
     # one chunk of logits, the fp32 grad_weight accumulator, grad_hidden, and the returned grads
     budget = chunk * vocab * 4 + 2 * weight.numel() * 4 + 2 * hidden.numel() * 4
-    assert peak_allocated_bytes(fused) < 1.2 * budget < 0.5 * logits_bytes
-    assert peak_allocated_bytes(unfused) > 2 * logits_bytes
+    assert cpu_peak_allocated_bytes(fused) < 1.2 * budget < 0.5 * logits_bytes
+    assert cpu_peak_allocated_bytes(unfused) > 2 * logits_bytes
