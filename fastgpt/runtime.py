@@ -83,11 +83,12 @@ def configure_backends(device: torch.device) -> None:
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc serve every block from its heap and never hand freed memory back to the
-    OS. By default each block over 32 MB is a fresh mmap and its free an munmap, so every training
-    step page-faults its large activations and gradients in again (zeroing GPT-2's 154 MB
-    embedding gradient took 80-230 ms of a 10 s step, almost all of it page faults); with the heap
-    the next step reuses the same pages. Torch's CUDA allocator caches blocks the same way. Returns
-    whether the setting took (False off glibc, e.g. macOS or musl)."""
+    OS. By default each block over 32 MB (less, before glibc's threshold adapts) is a fresh mmap
+    and its free an munmap, so every training step page-faults its large activations and
+    gradients in again: zeroing GPT-2's 154 MB embedding gradient was mostly page faults. From the
+    heap, later steps mostly reuse pages already mapped (tests/test_runtime.py counts the faults),
+    as torch's CUDA allocator caches blocks; the resident size stays at the step's peak instead of
+    dropping between steps. Returns whether the setting took (False off glibc: macOS, musl)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
