@@ -16,6 +16,10 @@ Shapes: "default" is configs/shakespeare_char.py's model and batch (vocabulary 8
 at size "gpu". The dtype is nanoGPT's policy for the device (fp32 on a CPU, bf16 on a GPU that has
 it) for both providers. Gradient clipping at 1.0, as both trainers do by default.
 
+Both providers run in this one process, which they share (the heap the first grew, fastgpt's
+allocator setting): for a verdict run each alone, e.g. `-k "reference and gpt2"` then
+`-k "fastgpt and gpt2"`, and read both from the results file.
+
 extra_info: tokens_per_s, mfu (the PaLM count, 6N + 12 L C T FLOPs a token, against the
 datasheet peak on a GPU and this machine's measured matmul peak on a CPU) and peak_mb (memory one
 step allocates above what was live before it; bench.harness.peak_memory_bytes).
