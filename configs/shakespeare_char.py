@@ -1,5 +1,6 @@
 # Character-level GPT on the complete works of Shakespeare, sized to learn well in 5 minutes on a
-# laptop-class AVX-512 CPU (12 on a 2-core AVX2 VM); the same file runs unchanged on a GPU (bf16 autocast and compile switch on).
+# laptop-class AVX-512 CPU (12 on a 2-core AVX2 VM); the same file runs unchanged on a GPU (bf16
+# autocast and compile switch on).
 #
 #   python -m fastgpt.train configs/shakespeare_char.py      # also what `python -m fastgpt.train` runs
 #   python -m fastgpt.sample --out_dir=out-shakespeare-char
