@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pickle
 import time
 
 import numpy as np
@@ -65,9 +66,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train one first or set --out_dir to the folder holding ckpt.pt")
     try:
-        # weights_only=False: the checkpoint holds plain dicts and numbers besides tensors, and it
-        # is the user's own file (nanoGPT's layout stores a config dict).
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors and plain data (dicts, lists, numbers, strings) only, which is all
+        # a checkpoint of ours or nanoGPT's holds; anything else in the pickle could run code.
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; its one telling line names what the pickle asked for.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        wants_global = next((line for line in lines if "GLOBAL" in line), None)  # a class or function
+        if wants_global:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects other than tensors and plain data, and unpickling "
+                f"them could run code ({wants_global}); load only checkpoints written by fastgpt or nanoGPT"
+            ) from e
+        detail = next((line for line in lines if line.startswith("Unsupported")), type(e).__name__)
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint ({detail})") from e
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:

@@ -220,13 +220,25 @@ class Gpt2Tokenizer:
 # --- Per-dataset choice ---------------------------------------------------------------------
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, tuples, strings and numbers only: every other object needs
+    find_class, which refuses."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which plain data never needs")
+
+
 def _read_meta(data_dir: str | os.PathLike) -> dict | None:
     path = Path(data_dir) / META_FILENAME
     if not path.is_file():
         return None
-    # pickle, as nanoGPT writes it; only load meta.pkl files from datasets you prepared.
+    # nanoGPT's meta.pkl is a pickled dict of str and int, which unpickles without looking up any
+    # class or function; a pickle that asks for one (how a pickle runs code) is refused.
     with open(path, "rb") as f:
-        meta = pickle.load(f)
+        try:
+            meta = _PlainDataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not a plain-data nanoGPT meta.pkl ({e}); refusing to load it") from e
     if not isinstance(meta, dict) or "vocab_size" not in meta:
         raise ValueError(
             f"{path} is not a nanoGPT meta.pkl: expected a dict with vocab_size, stoi, itos"
