@@ -25,6 +25,7 @@ import subprocess
 
 import torch
 
+from fastgpt.metrics import cpu_name
 from fastgpt.profiling import cpu_peak_allocated_bytes
 
 CUDA = torch.cuda.is_available()
@@ -82,12 +83,7 @@ def _git_commit() -> str | None:
 def _device_name() -> str:
     if CUDA:
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
 
 
 def _versions() -> dict:

@@ -84,14 +84,19 @@ def measure_matmul_flops(dtype: torch.dtype, size: int = CPU_PEAK_MATMUL_SIZE, s
     return 2 * size**3 / best
 
 
-def _cpu_key(dtype: torch.dtype) -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows of it."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{CPU_PEAK_METHOD}"
+    return cpu
+
+
+def _cpu_key(dtype: torch.dtype) -> str:
+    return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{CPU_PEAK_METHOD}"
 
 
 def cpu_peak_flops(dtype: torch.dtype) -> float:
@@ -239,7 +244,6 @@ class ThroughputMeter:
         self.t_window, self.last_iter, self.data_s = now, iter_num, 0.0
         return record
 
-
     def summary(self, iter_num: int, best_val_loss: float) -> str:
         """The run's last line: this process's iterations and seconds, best val loss, peak memory."""
         total = self.clock() - self.t_process
@@ -273,9 +277,8 @@ class MetricsLog:
         self.file = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            cut = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
             self.file = open(self.path, "a", encoding="utf-8")
-            if cut:
+            if _ends_mid_line(self.path):
                 self.file.write("\n")  # a line cut off by a crash: the next record starts a line of its own
 
     def write(self, record: dict) -> None:
@@ -287,6 +290,15 @@ class MetricsLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _ends_mid_line(path: pathlib.Path) -> bool:
+    """Whether a file's last byte is not a newline, read alone (the log grows through a long run)."""
+    if path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read_metrics(path: str | os.PathLike) -> tuple[list[dict], int]:

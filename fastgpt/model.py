@@ -150,8 +150,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits, loss). With targets, loss is the mean cross-entropy
         over targets != -1 and logits are (B, T, V), or None where the head and the loss are fused
-        without ever forming the logits (the Triton kernels; a large vocabulary on a CPU); without targets, only the last
-        position's logits (B, 1, V) are computed, which is all generation needs."""
+        without ever forming the logits (the Triton kernels; a large vocabulary on a CPU); without
+        targets, only the last position's logits (B, 1, V) are computed, which is all generation
+        needs."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
