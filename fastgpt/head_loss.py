@@ -50,10 +50,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             counted = t != ignore_index
             safe = torch.where(counted, t, 0)  # ignored rows read column 0, then count for nothing
             z = (h @ weight.t()).float()  # (rows, V)
-            lse = torch.logsumexp(z, dim=1)
-            total += ((lse - z.gather(1, safe[:, None]).squeeze(1)) * counted).sum()
+            picked = z.gather(1, safe[:, None]).squeeze(1)
+            # logsumexp and softmax from one max, one exp and one sum, in z's own storage
+            # (torch.logsumexp would allocate exp(z - max) of its own, and softmax exponentiate again)
+            row_max = z.amax(dim=1, keepdim=True)
+            z.sub_(row_max).exp_()
+            row_sum = z.sum(dim=1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1)
+            total += ((lse - picked) * counted).sum()
             if with_grad:
-                z.sub_(lse[:, None]).exp_()  # softmax, in place
+                z.div_(row_sum)  # softmax
                 z[torch.arange(z.shape[0], device=z.device), safe] -= 1.0
                 z.mul_(counted[:, None])  # an ignored row has no gradient
                 z = z.to(hidden.dtype)
