@@ -11,6 +11,10 @@
 #   torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:PORT --nproc_per_node=8 \
 #       -m fastgpt.train configs/owt.py --gradient_accumulation_steps=48 --batch_size=10
 #
+# Where jobs are preempted or restarted, add --init_from=auto (resume from out_dir's newest
+# checkpoint when there is one) and let torchrun restart lost ranks (see the README on why the
+# variable): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=3 ... --init_from=auto
+#
 # Result to expect, as nanoGPT's README reports it for its own trainer (not measured with
 # fastgpt): val loss ~2.85 after ~4 days on one node of 8x A100 40GB. For scale, OpenAI's
 # released GPT-2 124M scores ~3.12 on OpenWebText's val split before finetuning on it (also

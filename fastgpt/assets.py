@@ -15,6 +15,7 @@ file (or none), never a truncated one that a later run would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -62,8 +63,9 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file next to `path`; on clean exit make it `path` in one step.
 
     The temporary file lives in the same folder so that `os.replace` is a rename within one
-    filesystem, which POSIX guarantees atomic. The data is fsynced before the rename: without
-    that, a power loss can leave the new name pointing at an empty file. On an exception the
+    filesystem, which POSIX guarantees atomic. The data is fsynced before the rename (without
+    that, a power loss can leave the new name pointing at an empty file) and the folder after
+    it (without that, the rename itself may not survive one). On an exception the
     temporary file is removed and `path` is left untouched.
     """
     path = Path(path)
@@ -78,10 +80,24 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or link in `folder` durable: until the folder itself is fsynced, a power
+    loss can bring back the old name (POSIX leaves it to the filesystem)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (FUSE, network mounts) cannot fsync a folder at all
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

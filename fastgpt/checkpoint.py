@@ -7,8 +7,13 @@ A checkpoint is one `torch.save`d dict with nanoGPT's keys, so either project re
   iter_num       optimizer steps taken
   best_val_loss  lowest validation loss seen
   config         the run's TrainConfig as a plain dict
-and fastgpt's additions for an exact resume: `rng` (torch CPU/CUDA generator states),
-`data` (the batch streams' positions) and `scaler` (the fp16 GradScaler).
+and fastgpt's additions: `format` (FORMAT_VERSION; nanoGPT's have none), `rng` (torch CPU/CUDA
+generator states), `data` (the batch streams' positions) and `scaler` (the fp16 GradScaler) for
+an exact resume, and `run` (the run record: versions, device, git commit).
+
+A run folder holds ckpt.pt, always the newest checkpoint (the file nanoGPT's tools read), and,
+when more than one is kept, ckpt-ITER.pt for each of the newest `keep` checkpoints; the newest of
+those is a hard link to ckpt.pt, so it takes no space of its own.
 """
 
 from __future__ import annotations
@@ -16,14 +21,20 @@ from __future__ import annotations
 import os
 import pathlib
 import pickle
-import time
+import re
+import shutil
 
 import numpy as np
 import torch
 
-from fastgpt.assets import atomic_writer
+from fastgpt.assets import atomic_writer, fsync_dir
 
 CHECKPOINT_NAME = "ckpt.pt"
+# ckpt-ITER.pt: the checkpoints kept besides the newest, numbered by iteration.
+NUMBERED = re.compile(r"ckpt-(\d+)\.pt")
+# The layout version this code writes and reads. Bump it when a key changes meaning, so that an
+# older fastgpt refuses a newer file by name instead of misreading it.
+FORMAT_VERSION = 1
 # nanoGPT saved the compiled module's state dict, whose keys carry this prefix.
 COMPILED_PREFIX = "_orig_mod."
 # nanoGPT without flash attention registered its causal mask as a buffer named `attn.bias`.
@@ -46,19 +57,51 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
         torch.save(checkpoint, f)
 
 
-def set_aside_existing(path: str | os.PathLike) -> pathlib.Path | None:
-    """Rename an existing checkpoint to ckpt.<its mtime>.pt so a new run never overwrites it."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-    target = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
-        n += 1
-    os.replace(path, target)
-    return target
+def numbered_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:
+    """The ckpt-ITER.pt files in `out_dir`, oldest first."""
+    folder = pathlib.Path(out_dir)
+    found = [(int(m.group(1)), p) for p in folder.glob("ckpt-*.pt") if (m := NUMBERED.fullmatch(p.name))]
+    return sorted(found)
+
+
+def write_checkpoint(out_dir: str | os.PathLike, checkpoint: dict, keep: int) -> pathlib.Path:
+    """Make `checkpoint` the run's newest (ckpt.pt) and keep the `keep` newest as ckpt-ITER.pt.
+
+    ckpt.pt is replaced first, in one rename, so at every instant it is a complete checkpoint and
+    the newest one; the numbered copy and the pruning come after, and a crash between them loses
+    nothing a resume needs."""
+    path = checkpoint_path(out_dir)
+    save_checkpoint(path, checkpoint)
+    if keep > 1:
+        numbered = path.with_name(f"ckpt-{checkpoint['iter_num']}.pt")
+        tmp = numbered.with_name(f".{numbered.name}.link")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # a filesystem without hard links: pay for a copy
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, numbered)
+        for _, old in numbered_checkpoints(out_dir)[:-keep]:
+            old.unlink()
+        fsync_dir(path.parent)
+    return path
+
+
+def newest_checkpoint(out_dir: str | os.PathLike) -> pathlib.Path | None:
+    """ckpt.pt, else (if someone removed it) the highest-numbered ckpt-ITER.pt, else None."""
+    path = checkpoint_path(out_dir)
+    if path.is_file():
+        return path
+    numbered = numbered_checkpoints(out_dir)
+    return numbered[-1][1] if numbered else None
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """Delete what a save killed mid-write left behind (atomic_writer's hidden .tmp files)."""
+    stale = [p for p in pathlib.Path(out_dir).glob(".ckpt*.pt.*") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -82,8 +125,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint ({detail})") from e
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path} is not a GPT checkpoint: expected a dict with a 'model' state dict")
+    version = checkpoint.get("format", FORMAT_VERSION)  # nanoGPT's checkpoints carry none: our layout 1
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version!r}, and this fastgpt reads format {FORMAT_VERSION}; "
+            "load it with the fastgpt version that wrote it"
+        )
     return checkpoint
 
 
@@ -142,11 +191,13 @@ def training_state(
     best_val_loss: float,
     streams: dict,
     rng: list[dict],
+    run: dict,
 ) -> dict:
     """Everything a resume needs, in nanoGPT's layout plus fastgpt's keys. `model` must be the
     uncompiled module; `streams` maps names to batch streams with a state_dict(); `rng` holds
-    each rank's rng_state(), in rank order."""
+    each rank's rng_state(), in rank order; `run` is the run record (plain data)."""
     return {
+        "format": FORMAT_VERSION,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "model_args": model_args,
@@ -156,6 +207,7 @@ def training_state(
         "scaler": scaler.state_dict(),
         "data": {name: s.state_dict() for name, s in streams.items()},
         "rng": rng,
+        "run": run,
     }
 
 
@@ -170,6 +222,7 @@ def restore_training_state(
     return (iter_num, best_val_loss). nanoGPT's checkpoints lack the last three: the streams
     restart. The data positions are global, so any world size that divides the batch resumes;
     the RNG (dropout masks) continues exactly only on the world size that saved it."""
+    _check_resumable(checkpoint, path)
     saved = checkpoint.get("optimizer")
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups) and isinstance(saved.get("state"), dict)):
@@ -198,7 +251,28 @@ def restore_training_state(
     else:  # another world size: a fresh, still rank-distinct and reproducible dropout stream
         key = [checkpoint.get("config", {}).get("seed", 0), dist_info.rank, checkpoint["iter_num"]]
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-    return checkpoint["iter_num"], checkpoint["best_val_loss"]
+    return checkpoint["iter_num"], float(checkpoint["best_val_loss"])
+
+
+def _check_resumable(checkpoint: dict, path) -> None:
+    """Refuse, naming the key, a checkpoint whose training-state entries are not what a resume reads."""
+    def wrong(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its {key!r} entry is missing or not {want}; resume from a checkpoint "
+                               "fastgpt or nanoGPT wrote, or start with --init_from=scratch")
+
+    if not isinstance(checkpoint.get("iter_num"), int) or checkpoint["iter_num"] < 0:
+        raise wrong("iter_num", "an iteration count")
+    best = checkpoint.get("best_val_loss")  # nanoGPT saves it as a 0-d tensor
+    if not (isinstance(best, (int, float)) or (isinstance(best, torch.Tensor) and best.numel() == 1)):
+        raise wrong("best_val_loss", "a number")
+    data = checkpoint.get("data", {})
+    if not (isinstance(data, dict) and all(isinstance(v, dict) for v in data.values())):
+        raise wrong("data", "a dict of batch-stream states")
+    rng = checkpoint.get("rng")
+    ranks = [rng] if isinstance(rng, dict) else rng
+    if rng is not None and not (isinstance(ranks, list) and all(
+            isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) for r in ranks)):
+        raise wrong("rng", "a list of each rank's generator states")
 
 
 def rng_state() -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import pathlib
 import types
 import typing
@@ -37,7 +38,23 @@ class TrainConfig:
         default=True, metadata=_doc("save at every evaluation, not only when val loss improves")
     )
     init_from: str = field(
-        default="scratch", metadata=_doc("'scratch' for a new model, 'resume' to continue out_dir/ckpt.pt", ("scratch", "resume"))
+        default="scratch",
+        metadata=_doc(
+            "'scratch' for a new model, 'resume' to continue out_dir's newest checkpoint, 'auto' to resume when "
+            "there is one and start from scratch when not (for torchrun --max-restarts and requeued jobs)",
+            ("scratch", "resume", "auto"),
+        ),
+    )
+    keep_checkpoints: int = field(
+        default=2, metadata=_doc("checkpoints kept on disk: ckpt.pt is the newest; with 2+, also ckpt-ITER.pt each")
+    )
+    on_nonfinite_loss: str = field(
+        default="stop",
+        metadata=_doc(
+            "a NaN/inf loss: 'stop' names the iteration and exits without saving (checked at log steps and "
+            "saves, no extra sync); 'skip' drops that step's update (a CPU-GPU sync per step)",
+            ("stop", "skip"),
+        ),
     )
     # --- experiment tracking (nanoGPT's names; needs the wandb package when on)
     wandb_log: bool = field(default=False, metadata=_doc("log metrics to Weights & Biases"))
@@ -125,7 +142,8 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple", "ddp_timeout", "profile_active")
+                    "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple", "ddp_timeout", "profile_active",
+                    "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -134,6 +152,13 @@ class TrainConfig:
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("out_dir", "dataset", "data_root"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}='' must name a folder, e.g. {name}={FIELDS[name].default!r}")
+        for name, tp in _HINTS.items():
+            # 1e999 parses as inf, and inf passes every range check below; a config file can also compute a NaN.
+            if tp is float and not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)} must be a finite number")
         if self.profile and self.eval_only:
             raise ConfigError("profile=True profiles training steps; it cannot go with eval_only=True")
         if isinstance(self.compile, str) and self.compile != "auto":
@@ -209,13 +234,17 @@ def read_config_file(path: str | pathlib.Path) -> dict:
     """Execute a config file in a fresh namespace and return the fields it assigns."""
     path = pathlib.Path(path)
     if not path.is_file():
+        if "=" in path.name:  # `key=value` without the dashes lands here as a file name
+            raise ConfigError(f"config file {str(path)!r} not found; an override needs two dashes: --{path.name}")
         raise ConfigError(f"config file {str(path)!r} not found; pass a file such as configs/shakespeare_char.py")
     namespace: dict = {}
-    source = path.read_text()
     try:
+        source = path.read_text(encoding="utf-8")
         exec(compile(source, str(path), "exec"), namespace)  # the user's own file, in its own namespace
     except Exception as e:
-        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from e
+        raise ConfigError(
+            f"{path}: {type(e).__name__}: {e}; a config file holds plain Python assignments such as n_layer = 4"
+        ) from e
     values = {}
     for name, value in namespace.items():
         if name.startswith("_") or isinstance(value, types.ModuleType):

@@ -53,6 +53,20 @@ def setup(device_type: str, backend: str, timeout_s: int) -> DistInfo:
     return info
 
 
+# torchrun's agent keeps one rendezvous store for every attempt, and a restarted rank can read the
+# previous attempt's addresses from it and fail to connect (pytorch/pytorch#135712). This variable,
+# set where torchrun runs, gives each attempt a fresh store.
+FRESH_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def restart_warning() -> str | None:
+    """A line for the log when torchrun may restart this job on a store shared across attempts."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"warning: torchrun --max-restarts shares one rendezvous store across attempts, and a restart can then "
+                f"fail to connect (pytorch/pytorch#135712); launch as {FRESH_STORE_ENV}=1 torchrun ...")
+    return None
+
+
 def teardown() -> None:
     """Leave the process group, on success and on failure alike."""
     if dist.is_available() and dist.is_initialized():

@@ -13,6 +13,7 @@ peak memory, ETA); MetricsLog appends them to out_dir/metrics.jsonl, one JSON ob
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -138,16 +139,25 @@ def host_summary() -> dict:
     """Versions and hardware, logged with each run so its numbers can be reproduced."""
     info = {
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass that a weights_only load refuses
+        "triton": _version_of("triton"),
+        "cuda": torch.version.cuda,  # the CUDA torch was built with; None for a CPU build
         "platform": platform.platform(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
     return info
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def peak_memory(device: torch.device) -> tuple[int | None, str]:

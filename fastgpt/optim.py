@@ -66,3 +66,23 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
+                  skip_nonfinite: bool) -> bool:
+    """Unscale, clip the global gradient norm to grad_clip (0: no clipping), step, zero the
+    gradients. With skip_nonfinite, a step whose gradient norm is NaN or inf is dropped instead
+    (a CPU-GPU sync per step; the norm is the same on every DDP rank, so all ranks agree).
+    Returns whether the step was taken."""
+    taken = True
+    if grad_clip > 0 or skip_nonfinite:
+        scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.nn.utils.get_total_norm(
+            [p.grad for p in params])
+        taken = not skip_nonfinite or bool(torch.isfinite(norm).item())  # CPU-GPU sync, in skip mode only
+    if taken:
+        scaler.step(optimizer)
+    scaler.update()  # after a dropped step too: the fp16 scale still learns from the overflow
+    optimizer.zero_grad(set_to_none=True)
+    return taken

@@ -3,13 +3,16 @@
     python -m fastgpt.train                                   # configs/shakespeare_char.py
     python -m fastgpt.train configs/shakespeare_char.py --max_iters=500 --device=cpu
     python -m fastgpt.train configs/shakespeare_char.py --init_from=resume
+    torchrun --max-restarts=3 --nproc_per_node=8 -m fastgpt.train configs/owt.py --init_from=auto
     python -m fastgpt.train configs/shakespeare_char.py --profile     # a few steps under torch.profiler
     torchrun --standalone --nproc_per_node=8 -m fastgpt.train configs/owt.py
     python -m fastgpt.train --help                            # every field, its default and why
 
 A config file holds plain assignments of TrainConfig fields (nanoGPT's names); `--key=value`
-overrides it. Checkpoints land in out_dir/ckpt.pt at each evaluation, every log line and
-evaluation in out_dir/metrics.jsonl, and a picture of the losses in out_dir/loss.png at the end.
+overrides it. Checkpoints land in out_dir/ckpt.pt at each evaluation (the keep_checkpoints newest
+also as ckpt-ITER.pt), the run's record in out_dir/run.json, every log line and evaluation in
+out_dir/metrics.jsonl, and a picture of the losses in out_dir/loss.png at the end. SIGTERM or
+Ctrl-C finishes the step, saves a checkpoint and exits 0; init_from='auto' resumes from it.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from fastgpt.metrics import (MetricsLog, ThroughputMeter, describe_peak, elapsed
                              metrics_path, peak_flops)
 from fastgpt.model import GPT, GPTConfig, padded_vocab_size
 from fastgpt.ops import KernelChoiceError, get_ops, resolve_kernels
-from fastgpt.optim import get_lr, make_optimizer, set_lr
+from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
 from fastgpt.prepare import ensure_dataset
 from fastgpt.profiling import StepProfiler
+from fastgpt.rundir import RunDirError, begin_run, check_free_space, check_writable, run_record
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
+from fastgpt.stopping import LossWatch, NonFiniteLossError, StopSignal, StopVote
 from fastgpt.tokenizer import dataset_vocab_size
 from fastgpt.tracking import Tracker
 
@@ -42,15 +47,19 @@ from fastgpt.tracking import Tracker
 # same relative path is looked up in the working directory.
 DEFAULT_CONFIG_NAME = pathlib.Path("configs") / "shakespeare_char.py"
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
-USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--profile] [--key=value ...]"
-# Errors a user can fix from the message alone: printed as one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, KernelChoiceError, FileNotFoundError)
+USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--profile] [--debug] [--key=value ...]"
+# Errors a user can fix from the message alone: printed as one line, exit status 2 (--debug: the traceback).
+USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, KernelChoiceError, RunDirError,
+               FileNotFoundError)
+# A run that diverged: one line, and a status a scheduler can tell from a crash.
+DIVERGED_EXIT = 3
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     if any(a in ("-h", "--help") for a in argv):
         print(f"{USAGE}\n\nWith no CONFIG, runs {DEFAULT_CONFIG_NAME}. --profile: a few training steps under torch.profiler")
         print("(profile_wait/_warmup/_active), traces in out_dir/profile/, a summary of where the time went, no checkpoint.")
+        print("--debug: show the traceback behind an error message.")
         print("Fields (--key=value; a config file assigns the same names). The defaults shown are nanoGPT's")
         print(f"GPT-2 124M recipe; a config file, including the default one, overrides them:\n{help_text()}")
         raise SystemExit(0)
@@ -110,7 +119,12 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     ctx = autocast(device, dtype)
     tracker = Tracker(cfg.wandb_log and dist_info.is_master, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all ranks
+    if dist_info.is_master:  # before the data and the model, so an unwritable out_dir fails in seconds
+        check_writable(cfg.out_dir)
+        ckpt_io.remove_stale_temporaries(cfg.out_dir)  # from a save that a kill cut short
     log(f"host: {host_summary()}")
+    if warning := distributed.restart_warning():
+        log(warning)
     log(f"config: {cfg.to_dict()}")
     log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {ops.name} kernels, {dist_info.world_size} rank(s), "
         f"tokens per iteration {tokens_per_iter:,}")
@@ -147,10 +161,11 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
         dropout=cfg.dropout,
         bias=cfg.bias,
     )
-    ckpt_path = ckpt_io.checkpoint_path(cfg.out_dir)
     log_path = metrics_path(cfg.out_dir)
+    newest = ckpt_io.newest_checkpoint(cfg.out_dir)
+    ckpt_path = newest or ckpt_io.checkpoint_path(cfg.out_dir)
     checkpoint = None
-    if cfg.init_from == "resume":  # every rank reads the same file
+    if cfg.init_from == "resume" or (cfg.init_from == "auto" and newest):  # every rank reads the same file
         checkpoint = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
         ckpt_io.check_model_args(checkpoint.get("model_args", {}), model_args.to_dict(), ckpt_path)
     model = GPT(model_args, ops)
@@ -158,22 +173,23 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
         ckpt_io.load_model_state(model, checkpoint["model"], ckpt_path)
     model.to(device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}")
+    if dist_info.is_master:
+        check_free_space(cfg.out_dir, model.num_params(non_embedding=False))
 
     # ---------------------------------------------------------------- optimizer
     optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, ops.optimizer)
     scaler = grad_scaler(device, dtype)
-    iter_num, best_val_loss = 0, math.inf
-    if checkpoint is not None:
+    iter_num, best_val_loss, resumed = 0, math.inf, checkpoint is not None
+    if resumed:
         iter_num, best_val_loss = ckpt_io.restore_training_state(checkpoint, optimizer, scaler, streams, ckpt_path, dist_info)
         log(f"resumed from {ckpt_path} at iteration {iter_num}")
         checkpoint = None  # free the CPU copy of the weights
     else:
         torch.manual_seed(cfg.seed + dist_info.rank)  # dropout masks differ across ranks
-        if not (cfg.eval_only or cfg.profile) and dist_info.is_master:
-            for path in (ckpt_path, log_path):
-                moved = ckpt_io.set_aside_existing(path)
-                if moved:
-                    log(f"kept the previous run's {path.name} as {moved}")
+    run_info = run_record(cfg.to_dict(), device, dist_info.world_size)
+    if dist_info.is_master and not (cfg.eval_only or cfg.profile):  # only a run that trains writes to out_dir
+        for path, moved in begin_run(cfg.out_dir, run_info, fresh=not resumed):
+            log(f"kept the previous run's {path.name} as {moved}")
 
     # ---------------------------------------------------------------- compile, DDP
     raw_model = model  # checkpoints hold the uncompiled, unwrapped module's state dict
@@ -185,22 +201,33 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     log(describe_peak(device, dtype, peak))
     flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / dist_info.world_size  # per device
 
+    watch = LossWatch(device) if cfg.on_nonfinite_loss == "stop" else None
+    saved = ckpt_path if resumed else None  # the last good checkpoint
+
+    def check_finite() -> None:  # before a NaN-poisoned state is saved or trained on
+        if watch:
+            watch.check(dist_info.enabled, saved)
+
     def save() -> None:
+        nonlocal saved
+        check_finite()
         rng = distributed.gather_objects(ckpt_io.rng_state(), dist_info)  # a collective: every rank calls save
         if dist_info.is_master:
             state = ckpt_io.training_state(raw_model, optimizer, scaler, model_args.to_dict(), cfg.to_dict(),
-                                           iter_num, best_val_loss, streams, rng)
-            ckpt_io.save_checkpoint(ckpt_path, state)
-            log(f"saved checkpoint to {ckpt_path}")
+                                           iter_num, best_val_loss, streams, rng, run_info)
+            saved = ckpt_io.write_checkpoint(cfg.out_dir, state, cfg.keep_checkpoints)
+            log(f"saved checkpoint to {saved}")
 
     # ---------------------------------------------------------------- the loop
     start_iter, losses, lr, mfu = iter_num, {}, cfg.learning_rate, None
     history = {"train": [], "eval": []}  # (iter, loss) at log points; (iter, train, val) at evaluations
     metrics = cleanup.enter_context(contextlib.closing(MetricsLog(cfg.out_dir, dist_info.is_master and not cfg.profile)))
-    metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "config": cfg.to_dict()})
+    metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "run": run_info})
     meter = ThroughputMeter(tokens_per_iter, flops_per_iter, peak, cfg.max_iters, cfg.eval_interval, device)
     meter.start(iter_num, elapsed_before(log_path, iter_num) if start_iter else 0.0)  # a resume continues the clock
     prof = cleanup.enter_context(StepProfiler(cfg, device, dist_info.rank, cfg.max_iters - iter_num))
+    stop = cleanup.enter_context(StopSignal(log))
+    stop_vote = StopVote(stop, dist_info.enabled, device)
     while True:
         evaluate = (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not cfg.profile
         if evaluate and not (iter_num == start_iter and start_iter > 0):  # a resumed step was evaluated before saving
@@ -231,18 +258,23 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
                 with prof.region("forward"), ctx:
                     _, loss = model(x, y)
                     loss = loss / micro_steps  # the mean over micro-batches (DDP averages over ranks)
+                if watch:
+                    watch.update(loss, iter_num + 1)  # no sync: the flag stays on the device
                 with prof.region("backward"):
                     scaler.scale(loss).backward()
         with prof.region("optimizer"):
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if not clip_and_step(model, optimizer, scaler, cfg.grad_clip, cfg.on_nonfinite_loss == "skip"):
+                log(f"iter {iter_num + 1}: gradient norm NaN or inf, step skipped (on_nonfinite_loss='skip')")
         iter_num += 1
+        if stop_vote():  # a collective under DDP: every rank stops at the same iteration
+            if not cfg.profile:
+                save()
+            log(f"stopped by {stop.received or 'a signal to another rank'} at iteration {iter_num}; resume with "
+                "--init_from=resume (or 'auto')")
+            break
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            check_finite()
             # CPU-GPU sync (waits for the step); under DDP also a collective, for the mean over ranks.
             last_loss = distributed.mean_over_ranks(loss.item() * micro_steps, dist_info, device)
             history["train"].append((iter_num, last_loss))
@@ -251,6 +283,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
             log(format_log_line(record))
             metrics.write(record)
         prof.step()
+    stop_vote.close()
     tracker.close()  # on an exception, wandb's own exit hook closes the run and marks it failed
     log(prof.report() if cfg.profile else meter.summary(iter_num, best_val_loss))
     if dist_info.is_master and not (cfg.profile or cfg.eval_only):
@@ -260,13 +293,16 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
     try:
-        config_path, overrides = parse_args(argv)
+        config_path, overrides = parse_args([a for a in argv if a != "--debug"])
         cfg = load_config(config_path, overrides)
         train(cfg)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, NonFiniteLossError) as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return DIVERGED_EXIT if isinstance(e, NonFiniteLossError) else 2
     finally:
         distributed.teardown()  # on every exit path, so no rank is left waiting on this one
     return 0

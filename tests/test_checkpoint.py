@@ -129,3 +129,47 @@ def test_resume_from_a_corrupt_optimizer_entry_is_a_clear_error(entry):
     ck = {"optimizer": entry, "iter_num": 1, "best_val_loss": 2.0, "config": {}}
     with pytest.raises(CheckpointError, match=r"x.pt: its 'optimizer' entry is not an optimizer state_dict"):
         ckpt_io.restore_training_state(ck, optimizer, torch.amp.GradScaler("cpu", enabled=False), {}, "x.pt", DistInfo())
+
+
+def test_a_checkpoint_of_another_format_is_refused_by_name(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "format": ckpt_io.FORMAT_VERSION + 1}, path)
+    with pytest.raises(CheckpointError, match=rf"checkpoint format {ckpt_io.FORMAT_VERSION + 1}, and this fastgpt "
+                                              rf"reads format {ckpt_io.FORMAT_VERSION}"):
+        ckpt_io.load_checkpoint(path)
+    torch.save({"model": {}}, path)  # nanoGPT's carry no version: the layout they share with ours
+    assert ckpt_io.load_checkpoint(path) == {"model": {}}
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_the_newest_checkpoints_are_kept_and_ckpt_pt_is_the_newest(tmp_path, keep):
+    for it in (10, 20, 30, 40):
+        assert ckpt_io.write_checkpoint(tmp_path, {"model": {"w": torch.full((2,), it)}, "iter_num": it}, keep) \
+            == tmp_path / "ckpt.pt"
+    assert ckpt_io.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 40
+    kept = ckpt_io.numbered_checkpoints(tmp_path)
+    assert [it for it, _ in kept] == ([] if keep == 1 else [20, 30, 40])
+    for it, path in kept:
+        assert torch.equal(ckpt_io.load_checkpoint(path)["model"]["w"], torch.full((2,), it))
+    if kept:  # the newest is ckpt.pt itself, not a second copy on disk
+        assert kept[-1][1].stat().st_ino == (tmp_path / "ckpt.pt").stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", *(p.name for _, p in kept)])
+
+
+def test_without_ckpt_pt_the_highest_numbered_checkpoint_is_the_newest(tmp_path):
+    assert ckpt_io.newest_checkpoint(tmp_path) is None
+    for it in (5, 100, 20):
+        torch.save({"model": {}, "iter_num": it}, tmp_path / f"ckpt-{it}.pt")
+    (tmp_path / "ckpt-x.pt").write_bytes(b"not ours")
+    assert ckpt_io.newest_checkpoint(tmp_path) == tmp_path / "ckpt-100.pt"
+    torch.save({"model": {}}, tmp_path / "ckpt.pt")
+    assert ckpt_io.newest_checkpoint(tmp_path) == tmp_path / "ckpt.pt"
+
+
+def test_init_from_auto_starts_fresh_then_resumes(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    first = train(tiny_config(tmp_path, data_root, max_iters=4, eval_interval=2, init_from="auto"))
+    assert first["iter_num"] == 4
+    second = train(tiny_config(tmp_path, data_root, max_iters=6, eval_interval=2, init_from="auto"))
+    assert second["iter_num"] == 6 and len(second["history"]["eval"]) == 1  # evaluated 6 only, not 4 again
+    assert [it for it, _ in ckpt_io.numbered_checkpoints(tmp_path / "out")] == [4, 6]

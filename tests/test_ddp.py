@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastgpt import checkpoint as ckpt_io
+from fastgpt import distributed
 from fastgpt.train import train
 
 from conftest import tiny_config
@@ -26,9 +27,9 @@ def overrides(cfg) -> list[str]:
     return [f"--{k}={v!r}" for k, v in cfg.to_dict().items()]
 
 
-def torchrun(*args, nproc=2, cwd):
+def torchrun(*args, nproc=2, cwd, env=ENV):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def run_ddp(cfg, tmp_path, nproc=2):
@@ -109,3 +110,24 @@ def test_a_failing_rank_stops_the_job_quickly(tmp_path, tiny_data):
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert elapsed < 60, f"the job took {elapsed:.0f} s to stop"
+
+
+def test_a_killed_rank_fails_the_job_in_seconds_and_a_restart_resumes(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    harness = str(REPO / "tests" / "fault_harness.py")
+    cfg = tiny_config(tmp_path / "once", data_root, max_iters=1000, eval_interval=4, gradient_accumulation_steps=2)
+    proc = torchrun("--max-restarts=0", harness, "step", "6", "--", *overrides(cfg), cwd=tmp_path)
+    killed_at = (tmp_path / "once" / "out" / ".fault-injected").stat().st_mtime
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 30, f"the job took {time.time() - killed_at:.0f} s to notice a lost rank"
+
+    # The same fault with one restart allowed: the new attempt resumes from iteration 4 and finishes.
+    cfg = tiny_config(tmp_path / "again", data_root, max_iters=12, eval_interval=4, gradient_accumulation_steps=2,
+                      init_from="auto")
+    proc = torchrun("--max-restarts=1", harness, "step", "6", "--", *overrides(cfg), cwd=tmp_path,
+                    env={**ENV, distributed.FRESH_STORE_ENV: "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: torchrun --max-restarts" not in proc.stdout
+    assert (tmp_path / "again" / "out" / ".fault-injected").exists()  # the fault did happen
+    assert "at iteration 4" in proc.stdout and proc.stdout.count("resumed from") == 1
+    assert ckpt_io.load_checkpoint(tmp_path / "again" / "out" / "ckpt.pt")["iter_num"] == 12

@@ -1,0 +1,128 @@
+"""The run folder (out_dir): checked before the first step, traced by a run record, and a new
+run's predecessor set aside rather than overwritten.
+
+    out_dir/ckpt.pt          the newest checkpoint (fastgpt.checkpoint)
+    out_dir/ckpt-ITER.pt     older checkpoints kept (keep_checkpoints)
+    out_dir/metrics.jsonl    every log line and evaluation (fastgpt.metrics)
+    out_dir/run.json         this run's record: config, versions, device, git commit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from fastgpt.assets import atomic_writer
+from fastgpt.checkpoint import checkpoint_path, numbered_checkpoints
+from fastgpt.metrics import host_summary, metrics_path
+
+RECORD_NAME = "run.json"
+WRITE_TEST_NAME = ".write-test"
+# Where to ask git for the commit: the folder this package was imported from.
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+GIT_TIMEOUT_S = 5
+# A checkpoint holds the fp32 weights and AdamW's two fp32 moments per parameter.
+CHECKPOINT_COPIES = 3
+
+
+class RunDirError(ValueError):
+    """out_dir cannot hold this run; one line for the user."""
+
+
+def check_writable(out_dir: str | os.PathLike) -> None:
+    """Create out_dir and prove a file can be written in it, so that a run never trains for
+    hours to fail at its first save."""
+    folder = pathlib.Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(f"out_dir={str(folder)!r} is a file, not a folder; move it or choose another --out_dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(folder / WRITE_TEST_NAME, "wb") as f:
+            f.write(b"fastgpt")
+        (folder / WRITE_TEST_NAME).unlink()
+    except OSError as e:
+        raise RunDirError(
+            f"cannot write to out_dir={str(folder)!r} ({e.strerror or e}); choose a folder you can write with --out_dir"
+        ) from e
+    for name in ("ckpt.pt", RECORD_NAME):
+        if (folder / name).is_dir():
+            raise RunDirError(f"{folder / name} is a folder where this run writes a file; move it or choose another --out_dir")
+
+
+def check_free_space(out_dir: str | os.PathLike, num_params: int) -> None:
+    """Refuse to start when the disk cannot take one checkpoint of a model this size."""
+    need = num_params * CHECKPOINT_COPIES * torch.finfo(torch.float32).bits // 8
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise RunDirError(
+            f"out_dir={str(out_dir)!r} has {free / 2**20:,.0f} MiB free, and a checkpoint of this model needs about "
+            f"{need / 2**20:,.0f} MiB; free some space or choose another --out_dir"
+        )
+
+
+def set_aside(paths: list[pathlib.Path]) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """Rename each existing file to NAME.<its mtime>.SUFFIX, so a new run never overwrites it."""
+    moved = []
+    for path in paths:
+        if not path.exists():
+            continue
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        target = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        n = 1
+        while target.exists():
+            target = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+            n += 1
+        os.replace(path, target)
+        moved.append((path, target))
+    return moved
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree fastgpt runs from ('+dirty' when it has changes), or None
+    outside a git checkout (an installed wheel) or without git."""
+    try:
+        run = lambda *args: subprocess.run(("git", "-C", str(PACKAGE_DIR), *args), capture_output=True, text=True,
+                                           timeout=GIT_TIMEOUT_S, check=True).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def run_record(config: dict, device: torch.device, world_size: int) -> dict:
+    """What any result of this run can be traced back to; plain data, so checkpoints carry it."""
+    host = host_summary()
+    record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": list(sys.argv),
+        "git_commit": git_commit(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else host["cpu"],
+        "world_size": world_size,
+        "host": host,
+        "config": config,
+    }
+    return json.loads(json.dumps(record))  # plain data by construction: a weights_only load accepts it
+
+
+def begin_run(out_dir: str | os.PathLike, record: dict, fresh: bool) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """Write this run's record to out_dir/run.json; a fresh run first sets the previous run's
+    checkpoints, log and record aside (returned as (old name, new name) pairs)."""
+    folder = pathlib.Path(out_dir)
+    moved = []
+    if fresh:
+        previous = [checkpoint_path(folder), *(p for _, p in numbered_checkpoints(folder)), metrics_path(folder),
+                    folder / RECORD_NAME]
+        moved = set_aside(previous)
+    with atomic_writer(folder / RECORD_NAME, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    return moved
