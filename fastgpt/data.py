@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from fastgpt.prepare import TOKEN_DTYPE  # the writer defines the file format
+from fastgpt.tokenizer import DataError  # defined with the meta.pkl reader, the lowest module that reads a dataset
+
 # Scan for the largest token id this many tokens at a time (128 MiB of uint16), so validating a
 # many-GB file needs bounded memory.
 SCAN_CHUNK_TOKENS = 64 * 1024 * 1024
@@ -30,16 +32,12 @@ SCAN_CHUNK_TOKENS = 64 * 1024 * 1024
 SPLIT_IDS = {"train": 0, "val": 1, "train_eval": 2, "val_eval": 3}
 
 
-class DataError(ValueError):
-    """A data file is missing, corrupt or does not fit the model; the message is one line."""
-
-
 def open_tokens(path: str | pathlib.Path, vocab_size: int, block_size: int) -> np.memmap:
     """Memmap a uint16 token file after checking that it can feed a model with this vocabulary
     and context: it exists, holds whole tokens, at least block_size + 1 of them, all < vocab_size."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} not found")
+        raise DataError(f"data file {path} not found; prepare the dataset into {path.parent} (python -m fastgpt.prepare)")
     nbytes = path.stat().st_size
     itemsize = np.dtype(TOKEN_DTYPE).itemsize
     if nbytes == 0:
@@ -50,7 +48,10 @@ def open_tokens(path: str | pathlib.Path, vocab_size: int, block_size: int) -> n
         )
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
     if len(tokens) < block_size + 1:
-        raise DataError(f"data file {path} holds {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
+        raise DataError(
+            f"data file {path} holds {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+            "lower block_size or give the split more text"
+        )
     # Scan with read() into one reused buffer, not through the memmap: pages read through a
     # mapping stay mapped, and a many-GB file would then show as many GB of this process's RSS.
     buffer = np.empty(min(SCAN_CHUNK_TOKENS, len(tokens)), dtype=TOKEN_DTYPE)
@@ -63,7 +64,8 @@ def open_tokens(path: str | pathlib.Path, vocab_size: int, block_size: int) -> n
                 where = start + int(np.argmax(chunk >= vocab_size))
                 raise DataError(
                     f"data file {path} holds token id {top} (first bad id at position {where}) but the model's "
-                    f"vocabulary has {vocab_size} ids (0..{vocab_size - 1}); was it prepared with another tokenizer?"
+                    f"vocabulary has {vocab_size} ids (0..{vocab_size - 1}); was it prepared with another tokenizer? "
+                    f"Prepare it again, or give the model vocab_size >= {top + 1} (None: the dataset's meta.pkl)"
                 )
             start += n
     return tokens

@@ -38,12 +38,12 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, NoReturn, Sequence
 
 import numpy as np
 
 from fastgpt import assets
-from fastgpt.tokenizer import GPT2_EOT_ID, META_FILENAME, CharTokenizer, get_gpt2_encoding
+from fastgpt.tokenizer import GPT2_EOT_ID, META_FILENAME, CharTokenizer, DataError, get_gpt2_encoding
 
 # --- Constants ------------------------------------------------------------------------------
 
@@ -126,6 +126,18 @@ def write_meta(path: Path, tokenizer: CharTokenizer) -> None:
     """Pickle nanoGPT's meta dict for a character-level dataset, atomically."""
     with assets.atomic_writer(path) as f:
         pickle.dump(tokenizer.meta(), f)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Raise DataError when `out_dir` cannot be created or written, before any work (a corpus
+    may take hours to fetch and encode). Creates nothing: a refused run leaves no folder behind."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"cannot write the dataset to {out_dir}: {existing} is a file, not a folder; choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write the dataset to {out_dir}: {existing} is not writable; choose a folder you can write")
 
 
 def _remove_stale_meta(out_dir: Path) -> None:
@@ -235,6 +247,7 @@ def prepare(name: str, out_dir: str | os.PathLike | None = None) -> Path:
             f"unknown built-in dataset {name!r}; expected one of {', '.join(BUILTIN_DATASETS)}"
         )
     out = Path(out_dir) if out_dir is not None else DEFAULT_DATA_ROOT / name
+    _check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     _BUILDERS[name](out)
     return out
@@ -353,6 +366,7 @@ def prepare_text(
     # repr gives the shortest decimal of the float, so 0.1 becomes exactly 1/10.
     fraction = Fraction(repr(float(val_fraction)))
     out = Path(out_dir)
+    _check_out_dir(out)
 
     counts = {"train": 0, "val": 0}
     n_pieces = 0
@@ -574,6 +588,7 @@ def prepare_openwebtext(
     num_proc = _resolve_threads(num_proc, "--num-proc")
     _check_docs_per_shard(docs_per_shard)
     out = Path(out_dir) if out_dir is not None else DEFAULT_DATA_ROOT / OPENWEBTEXT
+    _check_out_dir(out)
     splits = load_openwebtext(num_proc, val_fraction, seed)
     sizes = ", ".join(f"{name} {len(source):,}" for name, source in splits.items())
     print(f"{OPENWEBTEXT}: documents {sizes}; encoding on {num_proc} threads", flush=True)
@@ -624,8 +639,15 @@ def ensure_dataset(dataset: str, data_dir: str | os.PathLike) -> None:
 # --- Command line -----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as every other mistake is reported, instead of argparse's usage block; the
+        # subcommands' parsers are of this class too (add_subparsers' default parser_class).
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m fastgpt.prepare",
         description=(
             "Tokenize a corpus into nanoGPT's layout: OUT/train.bin and OUT/val.bin (uint16 token "
@@ -705,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_openwebtext(args.out, args.num_proc, args.val_fraction, args.seed, args.docs_per_shard)
         else:
             prepare(args.dataset, args.out)
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
+    except (OSError, ImportError, ValueError, RuntimeError) as e:  # OSError: an input that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -11,6 +11,8 @@ import torch
 from fastgpt.metrics import cpu_peak_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The device types the trainer and the sampler are written for; torch knows others ('meta' has no data at all).
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 # On a CPU, autocast to bf16 only when the machine multiplies bf16 matrices clearly faster than
 # fp32 (AVX512-BF16 or AMX): without native support bf16 is emulated and runs slower, and with
 # little gain the rounding costs more than the time saves.
@@ -35,10 +37,18 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise RuntimeConfigError(f"device={name!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise RuntimeConfigError(f"device={name!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeConfigError(f"device={name!r} but CUDA is not available here; use --device=cpu or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise RuntimeConfigError(
+            f"device={name!r} but this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}; "
+            "pick one of them or 'cuda'"
+        )
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RuntimeConfigError(f"device={name!r} but MPS is not available here; use --device=cpu or 'auto'")
     return device

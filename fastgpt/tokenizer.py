@@ -59,6 +59,13 @@ GPT2_SELF_CHECK = ("Hello world", [15496, 995])
 META_FILENAME = "meta.pkl"
 
 
+class DataError(ValueError):
+    """A data file is missing, corrupt or does not fit the model; the message is one line.
+
+    Defined here, in the lowest module that reads a dataset's files (meta.pkl), and re-exported by
+    fastgpt.data, so the trainer and the sampler catch one class for every dataset file."""
+
+
 # --- GPT-2 ranks: find, verify, cache ----------------------------------------------------
 
 
@@ -181,7 +188,7 @@ class CharTokenizer:
         except KeyError as e:
             raise ValueError(
                 f"character {e.args[0]!r} is not in the dataset's vocabulary "
-                f"of {self.vocab_size} characters"
+                f"of {self.vocab_size} characters; use only characters the dataset has"
             ) from None
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -230,18 +237,27 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 def _read_meta(data_dir: str | os.PathLike) -> dict | None:
     path = Path(data_dir) / META_FILENAME
-    if not path.is_file():
+    if not path.exists():
         return None
+    if not path.is_file():
+        raise DataError(f"{path} is not a file; remove it (GPT-2 BPE) or prepare the dataset again")
     # nanoGPT's meta.pkl is a pickled dict of str and int, which unpickles without looking up any
     # class or function; a pickle that asks for one (how a pickle runs code) is refused.
     with open(path, "rb") as f:
         try:
             meta = _PlainDataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-            raise ValueError(f"{path} is not a plain-data nanoGPT meta.pkl ({e}); refusing to load it") from e
+        except Exception as e:  # noqa: BLE001 - garbage bytes raise a dozen kinds (EOF, overflow, memory...)
+            raise DataError(
+                f"{path} is not a plain-data nanoGPT meta.pkl ({str(e) or type(e).__name__}); refusing to load it"
+            ) from e
     if not isinstance(meta, dict) or "vocab_size" not in meta:
-        raise ValueError(
-            f"{path} is not a nanoGPT meta.pkl: expected a dict with vocab_size, stoi, itos"
+        raise DataError(f"{path} is not a nanoGPT meta.pkl: expected a dict with vocab_size, stoi, itos; prepare it again")
+    size, itos = meta["vocab_size"], meta.get("itos")
+    if type(size) is not int or size < 1 or (isinstance(itos, dict) and len(itos) != size):
+        chars = f" for the {len(itos)} characters of itos" if isinstance(itos, dict) else ""
+        raise DataError(
+            f"{path} has vocab_size={size!r}{chars}; it must be a positive integer, the number of characters; "
+            "prepare it again"
         )
     return meta
 
@@ -251,12 +267,16 @@ def load_tokenizer(data_dir: str | os.PathLike) -> CharTokenizer | Gpt2Tokenizer
     meta = _read_meta(data_dir)
     if meta is None:
         return Gpt2Tokenizer()
-    if "stoi" not in meta or "itos" not in meta:
-        raise ValueError(f"{Path(data_dir) / META_FILENAME} has no stoi/itos; expected nanoGPT's layout")
-    return CharTokenizer(meta["stoi"], meta["itos"])
+    path = Path(data_dir) / META_FILENAME
+    if not isinstance(meta.get("stoi"), dict) or not isinstance(meta.get("itos"), dict):
+        raise DataError(f"{path} has no stoi/itos dicts; expected nanoGPT's layout, prepare it again")
+    try:
+        return CharTokenizer(meta["stoi"], meta["itos"])
+    except ValueError as e:
+        raise DataError(f"{path}: {e}; prepare it again") from e
 
 
 def dataset_vocab_size(data_dir: str | os.PathLike) -> int:
     """Return the vocabulary size of a prepared dataset: meta.pkl's vocab_size, else GPT-2's."""
     meta = _read_meta(data_dir)
-    return GPT2_VOCAB_SIZE if meta is None else int(meta["vocab_size"])
+    return GPT2_VOCAB_SIZE if meta is None else meta["vocab_size"]
