@@ -1,4 +1,4 @@
-"""Turn a text corpus into nanoGPT-style token files: `train.bin`, `val.bin`, and `meta.pkl`.
+"""Turn a text corpus into nanoGPT-style token files: `train.bin`, `val.bin`, and a vocabulary.
 
     python -m fastgpt.prepare shakespeare_char            # -> data/shakespeare_char/
     python -m fastgpt.prepare shakespeare                 # -> data/shakespeare/
@@ -8,7 +8,8 @@
 The layout is nanoGPT's, so its datasets and ours are interchangeable: `train.bin` and
 `val.bin` are flat arrays of uint16 token ids (read them with
 `np.memmap(path, dtype=np.uint16, mode="r")`); a character-level dataset also has `meta.pkl`,
-a pickled `{"vocab_size", "itos", "stoi"}`; no `meta.pkl` means GPT-2 BPE ids.
+a pickled `{"vocab_size", "itos", "stoi"}` for nanoGPT, and the same vocabulary as plain JSON in
+`vocab.json` for fastgpt; neither means GPT-2 BPE ids.
 
 Every output file is written to a temporary file in the same folder and renamed into place,
 so an interrupted run never leaves a truncated `.bin` that training would silently accept.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import math
 import os
 import pickle
@@ -43,7 +45,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, NoReturn, Sequence
 import numpy as np
 
 from fastgpt import assets
-from fastgpt.tokenizer import GPT2_EOT_ID, META_FILENAME, CharTokenizer, DataError, get_gpt2_encoding
+from fastgpt.tokenizer import GPT2_EOT_ID, META_FILENAME, VOCAB_FILENAME, CharTokenizer, DataError, get_gpt2_encoding
 
 # --- Constants ------------------------------------------------------------------------------
 
@@ -122,9 +124,13 @@ def write_tokens(path: Path, ids: Sequence[int]) -> None:
         np.asarray(ids, dtype=TOKEN_DTYPE).tofile(f)
 
 
-def write_meta(path: Path, tokenizer: CharTokenizer) -> None:
-    """Pickle nanoGPT's meta dict for a character-level dataset, atomically."""
-    with assets.atomic_writer(path) as f:
+def write_meta(out_dir: Path, tokenizer: CharTokenizer) -> None:
+    """Write a character-level dataset's vocabulary, atomically: vocab.json, which fastgpt reads
+    and no reader can be made to run code from, and nanoGPT's pickled meta dict for its tools."""
+    with assets.atomic_writer(out_dir / VOCAB_FILENAME, "w") as f:
+        json.dump({"vocab_size": tokenizer.vocab_size, "itos": [tokenizer.itos[i] for i in range(tokenizer.vocab_size)]},
+                  f, ensure_ascii=False)
+    with assets.atomic_writer(out_dir / META_FILENAME) as f:
         pickle.dump(tokenizer.meta(), f)
 
 
@@ -141,15 +147,15 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _remove_stale_meta(out_dir: Path) -> None:
-    """Delete a meta.pkl left by an earlier character-level run in the same folder.
+    """Delete the vocabulary files left by an earlier character-level run in the same folder.
 
     Without this, `load_tokenizer` would read the new BPE ids through the old character
     vocabulary.
     """
-    meta = out_dir / META_FILENAME
-    if meta.exists():
-        meta.unlink()
-        print(f"removed {meta} left by an earlier character-level dataset")
+    for meta in (out_dir / VOCAB_FILENAME, out_dir / META_FILENAME):
+        if meta.exists():
+            meta.unlink()
+            print(f"removed {meta} left by an earlier character-level dataset")
 
 
 # --- GPT-2 encoding in parallel ------------------------------------------------------------
@@ -217,7 +223,7 @@ def prepare_shakespeare_char(out_dir: Path) -> None:
     tokenizer = CharTokenizer.from_text(text)
     train_text, val_text = _builtin_split(text)
     print(f"shakespeare_char: {len(text):,} characters, vocabulary of {tokenizer.vocab_size}")
-    write_meta(out_dir / META_FILENAME, tokenizer)
+    write_meta(out_dir, tokenizer)
     write_tokens(out_dir / TRAIN_FILENAME, tokenizer.encode(train_text))
     write_tokens(out_dir / VAL_FILENAME, tokenizer.encode(val_text))
     print(f"train: {len(train_text):,} tokens, val: {len(val_text):,} tokens -> {out_dir}")

@@ -12,8 +12,10 @@ hangs or fails on machines without that access. The ranks file is the same bytes
 A cached copy whose hash is wrong is fetched again (the cache is ours to repair); a source
 whose hash is wrong is an error, since no later source would be more trustworthy.
 
-A dataset folder says which tokenizer it uses the way nanoGPT does: a `meta.pkl` holding
-`stoi`/`itos` means characters, no `meta.pkl` means GPT-2 BPE.
+A dataset folder says which tokenizer it uses the way nanoGPT does: a character vocabulary means
+characters, none means GPT-2 BPE. fastgpt writes the vocabulary twice: `vocab.json` (plain JSON,
+which cannot run code, read first) and nanoGPT's `meta.pkl` (read, when alone, by an unpickler that
+refuses every class and function).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import warnings
@@ -57,6 +60,8 @@ GPT2_PAT_STR_FALLBACK = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L
 GPT2_SELF_CHECK = ("Hello world", [15496, 995])
 
 META_FILENAME = "meta.pkl"
+# {"vocab_size": N, "itos": [the character of id 0, of id 1, ...]}
+VOCAB_FILENAME = "vocab.json"
 
 
 class DataError(ValueError):
@@ -235,10 +240,37 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it asks for {module}.{name}, which plain data never needs")
 
 
+def _read_vocab_json(path: Path) -> dict:
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path} is not a JSON vocabulary ({e}); prepare the dataset again") from e
+    itos = vocab.get("itos") if isinstance(vocab, dict) else None
+    if not (isinstance(itos, list) and itos and all(isinstance(c, str) for c in itos)
+            and vocab.get("vocab_size") == len(itos)):
+        raise DataError(f"{path} is not a fastgpt vocabulary: expected {{\"vocab_size\": N, \"itos\": [N strings]}}; "
+                        "prepare the dataset again")
+    return {"vocab_size": len(itos), "itos": dict(enumerate(itos)), "stoi": {c: i for i, c in enumerate(itos)}}
+
+
 def _read_meta(data_dir: str | os.PathLike) -> dict | None:
+    """The dataset's character vocabulary as nanoGPT's meta dict, or None for GPT-2 BPE."""
     path = Path(data_dir) / META_FILENAME
+    json_path = Path(data_dir) / VOCAB_FILENAME
+    if json_path.exists():
+        vocab = _read_vocab_json(json_path)
+        # nanoGPT's prepare.py rewrites only meta.pkl: a disagreeing one means vocab.json is stale.
+        pkl = _read_meta_pkl(path) if path.exists() else vocab
+        if {k: pkl.get(k) for k in vocab} != vocab:
+            raise DataError(f"{json_path} and {path} hold different vocabularies; prepare the dataset again, or "
+                            f"delete the one that is stale")
+        return vocab
     if not path.exists():
         return None
+    return _read_meta_pkl(path)
+
+
+def _read_meta_pkl(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path} is not a file; remove it (GPT-2 BPE) or prepare the dataset again")
     # nanoGPT's meta.pkl is a pickled dict of str and int, which unpickles without looking up any

@@ -3,6 +3,7 @@ refused with one line, and the code never runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -63,3 +64,27 @@ def test_nanogpt_meta_pkl_still_loads(tmp_path):
     folder = write_char_dataset(tmp_path / "data")  # pickle.dump of a dict, as nanoGPT's prepare.py
     assert dataset_vocab_size(folder) == 32
     assert load_tokenizer(folder).decode([0, 1, 2]) == "abc"
+
+
+def test_prepare_writes_a_json_vocabulary_that_is_read_first(tmp_path):
+    from fastgpt.prepare import write_meta
+    from fastgpt.tokenizer import CharTokenizer, DataError
+
+    chars = CharTokenizer.from_text("héllo wörld\n")
+    write_meta(tmp_path, chars)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert vocab == {"vocab_size": chars.vocab_size, "itos": sorted(set("héllo wörld\n"))}
+    with open(tmp_path / "meta.pkl", "rb") as f:
+        assert pickle.load(f) == chars.meta()  # nanoGPT's tools read this one
+    assert load_tokenizer(tmp_path).decode(chars.encode("wörld")) == "wörld"
+
+    # With vocab.json there, meta.pkl is never unpickled on trust: one that disagrees is refused.
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump(CharTokenizer.from_text("abc").meta(), f)  # as nanoGPT re-preparing the folder would
+    with pytest.raises(DataError, match="vocab.json and .*meta.pkl hold different vocabularies"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "meta.pkl").unlink()
+    assert dataset_vocab_size(tmp_path) == chars.vocab_size  # vocab.json alone is enough
+    (tmp_path / "vocab.json").write_text('{"vocab_size": 3, "itos": ["a", "b"]}')
+    with pytest.raises(DataError, match=r"is not a fastgpt vocabulary: expected"):
+        load_tokenizer(tmp_path)
