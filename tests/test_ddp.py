@@ -3,6 +3,7 @@
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -131,3 +132,24 @@ def test_a_killed_rank_fails_the_job_in_seconds_and_a_restart_resumes(tmp_path, 
     assert (tmp_path / "again" / "out" / ".fault-injected").exists()  # the fault did happen
     assert "at iteration 4" in proc.stdout and proc.stdout.count("resumed from") == 1
     assert ckpt_io.load_checkpoint(tmp_path / "again" / "out" / "ckpt.pt")["iter_num"] == 12
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    cfg = tiny_config(tmp_path, data_root, max_iters=100_000, eval_interval=100_000, log_interval=1,
+                      gradient_accumulation_steps=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastgpt.train",
+           *overrides(cfg)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 5:"):
+            break
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun forwards it to both ranks
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert time.perf_counter() - sent < 30
+    # Had the ranks disagreed on the step, the save's gather would have failed or hung.
+    stopped = int(out.split("stopped by SIGTERM at iteration ")[1].split(";")[0])
+    assert ckpt_io.load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == stopped
+    assert "Traceback" not in out.split("stopped by SIGTERM")[0]  # torchrun's own report of the signal comes after
