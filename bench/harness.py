@@ -46,6 +46,7 @@ SUITE_PAIRS = {
     "linear_cross_entropy": ("fastgpt", "eager"),
     "cross_entropy": ("triton", "eager"),
     "layer_norm": ("triton", "eager"),
+    "load_gpt2": ("fastgpt", "transformers"),
 }
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fastgpt.assets import atomic_writer, fsync_dir
+from fastgpt.model import GPTConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
 # ckpt-ITER.pt: the checkpoints kept besides the newest, numbered by iteration.
@@ -39,8 +40,8 @@ FORMAT_VERSION = 1
 COMPILED_PREFIX = "_orig_mod."
 # nanoGPT without flash attention registered its causal mask as a buffer named `attn.bias`.
 MASK_BUFFER_SUFFIX = ".attn.bias"
-# The fields of GPTConfig that decide the weights' shapes, compared before loading.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+# The fields of GPTConfig that a checkpoint's weights decide; a resume takes them from its model_args.
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "gelu")
 
 
 class CheckpointError(ValueError):
@@ -104,14 +105,16 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[pathlib.Path]:
     return stale
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def torch_load_plain(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """torch.load of a file that must hold only tensors and plain data (weights_only), with one
+    line naming what a refused pickle asked for."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train one first or set --out_dir to the folder holding ckpt.pt")
     try:
         # weights_only: tensors and plain data (dicts, lists, numbers, strings) only, which is all
         # a checkpoint of ours or nanoGPT's holds; anything else in the pickle could run code.
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph; its one telling line names what the pickle asked for.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -125,6 +128,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint ({detail})") from e
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    checkpoint = torch_load_plain(path, map_location)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path} is not a GPT checkpoint: expected a dict with a 'model' state dict")
     version = checkpoint.get("format", FORMAT_VERSION)  # nanoGPT's checkpoints carry none: our layout 1
@@ -148,18 +155,36 @@ def clean_state_dict(state_dict: dict) -> dict:
     return cleaned
 
 
-def check_model_args(saved: dict, wanted: dict, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose shape differs from the model the config asks for."""
-    diffs = [f"{k}={saved[k]!r} (config asks {wanted[k]!r})" for k in SHAPE_FIELDS if k in saved and saved[k] != wanted[k]]
-    if diffs:
+def adopt_model_args(saved: dict, wanted: GPTConfig, data_vocab: int, path) -> tuple[GPTConfig, list[str]]:
+    """The model a resume builds: the checkpoint's shape (its model_args override the config's, as
+    in nanoGPT) with the config's dropout, and 'field=saved (config: wanted)' for each field taken.
+    Refuses only what cannot be reconciled: a dataset with more token ids than the checkpoint's
+    vocabulary."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: its 'model_args' entry is not a dict of GPTConfig fields")
+    fields = {**wanted.to_dict(), "gelu": wanted.gelu}
+    taken = []
+    for k in SHAPE_FIELDS:
+        value = saved.get(k, GPTConfig.__dataclass_fields__[k].default if k == "gelu" else fields[k])
+        if value != fields[k]:
+            taken.append(f"{k}={value!r} (config: {fields[k]!r})")
+            fields[k] = value
+    try:
+        config = GPTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model_args do not describe a GPT ({e})") from e
+    if config.vocab_size < data_vocab:
         raise CheckpointError(
-            f"{path} was saved from another model shape: {', '.join(diffs)}; "
-            "use the checkpoint's settings or a new --out_dir"
+            f"{path} has a vocabulary of {config.vocab_size} ids, but the dataset's has {data_vocab}; resume on the "
+            "dataset it was trained on, or start a new run in another --out_dir"
         )
+    return config, taken
 
 
-def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike) -> None:
-    """Load weights after checking every name and shape, naming the first mismatches."""
+def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike, assign: bool = False) -> None:
+    """Load weights after checking every name and shape, naming the first mismatches. With
+    `assign`, the model's parameters become the given tensors (as fp32): a model built on the meta
+    device then costs no random initialisation and no second copy."""
     state_dict = clean_state_dict(state_dict)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -178,7 +203,11 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.Pa
         problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
     if problems:
         raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems)}")
-    model.load_state_dict(state_dict)
+    if assign:
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, assign=assign)
+    if assign:
+        model.tie_weights()  # assign wraps each module's tensor in a Parameter of its own
 
 
 def training_state(

@@ -40,10 +40,16 @@ class TrainConfig:
     init_from: str = field(
         default="scratch",
         metadata=_doc(
-            "'scratch' for a new model, 'resume' to continue out_dir's newest checkpoint, 'auto' to resume when "
-            "there is one and start from scratch when not (for torchrun --max-restarts and requeued jobs)",
-            ("scratch", "resume", "auto"),
+            "'scratch' for a new model, 'resume' to continue out_dir's newest checkpoint (its shape overrides the "
+            "config's), 'auto' to resume when there is one and start from scratch when not (torchrun --max-restarts, "
+            "requeued jobs), or OpenAI's 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from local files (hf_dir)",
+            ("scratch", "resume", "auto", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
         ),
+    )
+    hf_dir: typing.Optional[str] = field(
+        default=None,
+        metadata=_doc("init_from='gpt2*': a Hugging Face model folder (config.json + model.safetensors or "
+                      "pytorch_model.bin); None: the local Hugging Face cache (HF_HUB_CACHE, HF_HOME)"),
     )
     keep_checkpoints: int = field(
         default=2, metadata=_doc("checkpoints kept on disk: ckpt.pt is the newest; with 2+, also ckpt-ITER.pt each")
@@ -172,7 +178,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.min_lr > self.learning_rate:
+        if self.decay_lr and self.min_lr > self.learning_rate:  # nanoGPT's finetune config leaves min_lr above a constant rate
             raise ConfigError(f"min_lr={self.min_lr} must not exceed learning_rate={self.learning_rate}")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             raise ConfigError(

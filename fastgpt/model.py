@@ -17,6 +17,7 @@ from fastgpt.ops import TORCH_OPS, Ops
 
 # GPT-2 initialises weights from N(0, 0.02) (its model.py: `initializer_range`).
 INIT_STD = 0.02
+GELU_APPROXIMATIONS = ("none", "tanh")
 
 
 @dataclass
@@ -28,9 +29,17 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 had
+    gelu: str = "none"  # torch's GELU `approximate`: 'none' (erf, nanoGPT's) or 'tanh' (GPT-2's own)
+
+    def __post_init__(self) -> None:
+        if self.gelu not in GELU_APPROXIMATIONS:
+            raise ValueError(f"gelu={self.gelu!r} is not allowed; choose one of {', '.join(map(repr, GELU_APPROXIMATIONS))}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        args = asdict(self)
+        if args["gelu"] == "none":  # nanoGPT's GPTConfig(**model_args) knows no such key: leave it out
+            del args["gelu"]
+        return args
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -78,9 +87,9 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # Exact (erf) GELU, as nanoGPT uses: on CPUs it ran 2.7x faster forward+backward than GPT-2's
-        # tanh approximation (2.0 vs 5.4 ms at 4096 x 512), and GPT-2's weights work with either.
-        self.gelu = nn.GELU()
+        # Exact (erf) GELU by default, as nanoGPT uses: on CPUs it runs faster than GPT-2's tanh
+        # approximation. Pretrained GPT-2 weights load with 'tanh', so their logits are OpenAI's.
+        self.gelu = nn.GELU(approximate=config.gelu)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -121,14 +130,17 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them.
-        self.transformer.wte.weight = self.lm_head.weight
+        self.tie_weights()
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), two per block, so the
         # residual stream's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
+
+    def tie_weights(self) -> None:
+        """Weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them."""
+        self.transformer.wte.weight = self.lm_head.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

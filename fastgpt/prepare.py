@@ -40,11 +40,12 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, NoReturn, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from fastgpt import assets
+from fastgpt.cli import OneLineParser
 from fastgpt.tokenizer import GPT2_EOT_ID, META_FILENAME, VOCAB_FILENAME, CharTokenizer, DataError, get_gpt2_encoding
 
 # --- Constants ------------------------------------------------------------------------------
@@ -645,15 +646,10 @@ def ensure_dataset(dataset: str, data_dir: str | os.PathLike) -> None:
 # --- Command line -----------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, as every other mistake is reported, instead of argparse's usage block; the
-        # subcommands' parsers are of this class too (add_subparsers' default parser_class).
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m fastgpt.prepare",
         description=(
             "Tokenize a corpus into nanoGPT's layout: OUT/train.bin and OUT/val.bin (uint16 token "

@@ -1,12 +1,13 @@
-"""Sample text from a trained checkpoint.
+"""Sample text from a trained checkpoint, or from OpenAI's GPT-2.
 
     python -m fastgpt.sample                                   # out-shakespeare-char/ckpt.pt
     python -m fastgpt.sample --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python -m fastgpt.sample --start=FILE:prompt.txt
+    python -m fastgpt.sample --init_from=gpt2-xl --start="What is the answer to life?"   # local HF files
     python -m fastgpt.sample --debug ...                       # the traceback behind an error message
 
-The tokenizer is the dataset's (meta.pkl for characters, else GPT-2 BPE), found through the
-config stored in the checkpoint.
+The tokenizer is the dataset's (vocab.json or meta.pkl for characters, else GPT-2 BPE), found
+through the config stored in the checkpoint; GPT-2's own weights use GPT-2 BPE.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import argparse
 import math
 import pathlib
 import sys
-from typing import NoReturn
 
 import torch
 
 from fastgpt import checkpoint as ckpt_io
+from fastgpt.cli import OneLineParser
 from fastgpt.model import GPT, GPTConfig
+from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2
 from fastgpt.runtime import DTYPES, RuntimeConfigError, autocast, resolve_device, resolve_dtype
-from fastgpt.tokenizer import DataError, dataset_vocab_size, load_tokenizer
+from fastgpt.tokenizer import GPT2_VOCAB_SIZE, DataError, Gpt2Tokenizer, dataset_vocab_size, load_tokenizer
 
 # The default config's out_dir, so `python -m fastgpt.train && python -m fastgpt.sample` pairs up.
 DEFAULT_OUT_DIR = "out-shakespeare-char"
@@ -35,18 +37,14 @@ class OptionError(ValueError):
 
 
 # Printed as one line, exit status 2 (--debug: the traceback).
-USER_ERRORS = (OptionError, DataError, ckpt_io.CheckpointError, RuntimeConfigError)
+USER_ERRORS = (OptionError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, PretrainedError)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, as every other mistake is reported, instead of argparse's usage block.
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Numbers arrive as text and are checked by check_options, which names the option and the rule.
-    p = _Parser(prog="python -m fastgpt.sample", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m fastgpt.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="folder holding ckpt.pt (default: %(default)s)")
     p.add_argument("--start", default="\n",
                    help=f"prompt text, or {FILE_PREFIX}path to read it from a UTF-8 file (default: a newline)")
@@ -59,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPE_CHOICES)} (default: %(default)s)")
     p.add_argument("--data_dir", default=None,
                    help="dataset folder for the tokenizer (default: from the checkpoint's config)")
+    p.add_argument("--init_from", default="resume", choices=("resume", *GPT2_MODELS),
+                   help="'resume': out_dir's newest checkpoint; or OpenAI's GPT-2 from local files (default: %(default)s)")
+    p.add_argument("--hf_dir", default=None,
+                   help="with --init_from=gpt2*: a Hugging Face model folder (default: the local Hugging Face cache)")
     p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     return p
 
@@ -124,25 +126,30 @@ def sample(args: argparse.Namespace) -> list[str]:
     start = read_prompt(args.start)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    ckpt_path = ckpt_io.newest_checkpoint(args.out_dir) or ckpt_io.checkpoint_path(args.out_dir)
-    model, config = load_model(ckpt_path)
+    if args.init_from in GPT2_MODELS:
+        model, _ = load_gpt2(args.init_from, args.hf_dir)
+        config = {}
+    else:
+        model, config = load_model(ckpt_io.newest_checkpoint(args.out_dir) or ckpt_io.checkpoint_path(args.out_dir))
     model.eval().to(device)
 
-    if args.data_dir is not None:
+    if args.init_from in GPT2_MODELS and args.data_dir is None:
+        data_dir, named_by = None, args.init_from
+    elif args.data_dir is not None:
         data_dir, named_by = pathlib.Path(args.data_dir), f"data_dir={args.data_dir!r}"
     else:
         data_dir = pathlib.Path(config.get("data_root", "data")) / config.get("dataset", "")
         named_by = f"the checkpoint's data_root/dataset {str(data_dir)!r}"
     # Without its folder, the dataset's tokenizer would silently become GPT-2's.
-    if not data_dir.is_dir():
+    if data_dir is not None and not data_dir.is_dir():
         raise OptionError(f"{named_by} is not a folder; pass --data_dir=the dataset folder the model was trained on")
-    vocab_size = dataset_vocab_size(data_dir)  # before load_tokenizer, which may fetch GPT-2's ranks
+    vocab_size = dataset_vocab_size(data_dir) if data_dir else GPT2_VOCAB_SIZE  # before fetching GPT-2's ranks
     if vocab_size > model.config.vocab_size:
         raise OptionError(
             f"{named_by} has a tokenizer of {vocab_size} ids (its meta.pkl, else GPT-2 BPE), more than the model's "
             f"{model.config.vocab_size}; pass --data_dir=the dataset folder the model was trained on"
         )
-    tokenizer = load_tokenizer(data_dir)
+    tokenizer = load_tokenizer(data_dir) if data_dir else Gpt2Tokenizer()
     try:
         ids = tokenizer.encode(start)
     except ValueError as e:  # a character the vocabulary lacks

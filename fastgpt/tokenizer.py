@@ -312,3 +312,59 @@ def dataset_vocab_size(data_dir: str | os.PathLike) -> int:
     """Return the vocabulary size of a prepared dataset: meta.pkl's vocab_size, else GPT-2's."""
     meta = _read_meta(data_dir)
     return GPT2_VOCAB_SIZE if meta is None else meta["vocab_size"]
+
+
+# --- GPT-2 BPE in Hugging Face's files -------------------------------------------------------
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (its encoder.py): printable Latin-1 bytes stand
+    for themselves, the other 68 map to code points from 256 on, so no token has spaces or
+    control characters in vocab.json."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _merge_of(token: bytes, ranks: Mapping[bytes, int]) -> tuple[bytes, bytes]:
+    """The two tokens whose merge made `token`: BPE over its bytes with only the merges ranked
+    below it ends in exactly two parts."""
+    parts = [bytes([b]) for b in token]
+    limit = ranks[token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= limit:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"GPT-2 token {token!r} is not the merge of two lower-ranked tokens")
+    return parts[0], parts[1]
+
+
+def write_gpt2_hf_tokenizer(out_dir: str | os.PathLike, model_max_length: int) -> list[Path]:
+    """Write vocab.json and merges.txt (GPT2Tokenizer's files) and their configs into out_dir,
+    from the same hash-checked ranks tiktoken uses, so transformers tokenizes exactly as fastgpt."""
+    out = Path(out_dir)
+    ranks = tiktoken.load.load_tiktoken_bpe(str(gpt2_ranks_path()), expected_hash=GPT2_RANKS_SHA256)
+    show = _byte_to_unicode()
+    text = lambda token: "".join(show[b] for b in token)
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[EOT_TOKEN] = GPT2_EOT_ID
+    merges = [_merge_of(token, ranks) for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(token) > 1]
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    files = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges),
+        "tokenizer_config.json": json.dumps({"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+                                             "add_prefix_space": False, **special}, indent=2),
+        "special_tokens_map.json": json.dumps(special, indent=2),
+    }
+    for name, content in files.items():
+        with assets.atomic_writer(out / name, "w") as f:
+            f.write(content)
+    return [out / name for name in files]

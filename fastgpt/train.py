@@ -31,14 +31,17 @@ from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.data import BatchStream, DataError, Prefetcher, open_tokens
 from fastgpt.metrics import (MetricsLog, ThroughputMeter, describe_peak, elapsed_before, format_log_line, host_summary,
                              metrics_path, peak_flops)
-from fastgpt.model import GPT, GPTConfig, padded_vocab_size
+from fastgpt.model import GPT
 from fastgpt.ops import KernelChoiceError, get_ops, resolve_kernels
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
+from fastgpt.pretrained import PretrainedError
 from fastgpt.prepare import ensure_dataset
 from fastgpt.profiling import StepProfiler
 from fastgpt.rundir import RunDirError, begin_run, check_free_space, check_writable, run_record
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
+from fastgpt.start import adopt_shape, resolve_start
+from fastgpt.start import describe as describe_start
 from fastgpt.stopping import LossWatch, NonFiniteLossError, StopSignal, StopVote
 from fastgpt.tokenizer import dataset_vocab_size
 from fastgpt.tracking import Tracker
@@ -50,7 +53,7 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
 USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--profile] [--debug] [--key=value ...]"
 # Errors a user can fix from the message alone: printed as one line, exit status 2 (--debug: the traceback).
 USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, KernelChoiceError, RunDirError,
-               FileNotFoundError)
+               PretrainedError, FileNotFoundError)
 # A run that diverged: one line, and a status a scheduler can tell from a crash.
 DIVERGED_EXIT = 3
 
@@ -118,7 +121,6 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
     tracker = Tracker(cfg.wandb_log and dist_info.is_master, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all ranks
     if dist_info.is_master:  # before the data and the model, so an unwritable out_dir fails in seconds
         check_writable(cfg.out_dir)
         ckpt_io.remove_stale_temporaries(cfg.out_dir)  # from a save that a kill cut short
@@ -126,8 +128,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     if warning := distributed.restart_warning():
         log(warning)
     log(f"config: {cfg.to_dict()}")
-    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {ops.name} kernels, {dist_info.world_size} rank(s), "
-        f"tokens per iteration {tokens_per_iter:,}")
+    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {ops.name} kernels, {dist_info.world_size} rank(s)")
 
     # ---------------------------------------------------------------- data
     data_dir = pathlib.Path(cfg.data_root) / cfg.dataset
@@ -137,6 +138,11 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     if not dist_info.is_master:
         ensure_dataset(cfg.dataset, data_dir)  # a node without a shared disk prepares its own copy
     vocab_size = cfg.vocab_size or dataset_vocab_size(data_dir)
+    start = resolve_start(cfg, vocab_size)  # a new model, a checkpoint or GPT-2: its shape wins
+    if taken := describe_start(start):
+        log(taken)
+    cfg = adopt_shape(cfg, start.model_args)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all ranks
     splits = {s: open_tokens(data_dir / f"{s}.bin", vocab_size, cfg.block_size) for s in ("train", "val")}
 
     def prefetcher(split: str, key: str) -> Prefetcher:
@@ -152,43 +158,34 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     streams = {"train": train_batches, "train_eval": eval_batches["train"], "val_eval": eval_batches["val"]}
 
     # ---------------------------------------------------------------- model
-    model_args = GPTConfig(
-        block_size=cfg.block_size,
-        vocab_size=padded_vocab_size(vocab_size, cfg.vocab_multiple),
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_embd=cfg.n_embd,
-        dropout=cfg.dropout,
-        bias=cfg.bias,
-    )
-    log_path = metrics_path(cfg.out_dir)
-    newest = ckpt_io.newest_checkpoint(cfg.out_dir)
-    ckpt_path = newest or ckpt_io.checkpoint_path(cfg.out_dir)
-    checkpoint = None
-    if cfg.init_from == "resume" or (cfg.init_from == "auto" and newest):  # every rank reads the same file
-        checkpoint = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
-        ckpt_io.check_model_args(checkpoint.get("model_args", {}), model_args.to_dict(), ckpt_path)
-    model = GPT(model_args, ops)
-    if checkpoint is not None:
-        ckpt_io.load_model_state(model, checkpoint["model"], ckpt_path)
+    model_args, checkpoint, log_path = start.model_args, start.checkpoint, metrics_path(cfg.out_dir)
+    resumed_from = pathlib.Path(start.source) if checkpoint is not None else None
+    if start.weights is None:
+        model = GPT(model_args, ops)
+    else:
+        with torch.device("meta"):  # no random initialisation: every weight comes from the file
+            model = GPT(model_args, ops)
+        ckpt_io.load_model_state(model, start.weights, start.source, assign=True)
+    start = None  # free the CPU copy of the weights
     model.to(device)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}")
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}; tokens per iteration {tokens_per_iter:,}")
     if dist_info.is_master:
         check_free_space(cfg.out_dir, model.num_params(non_embedding=False))
 
     # ---------------------------------------------------------------- optimizer
     optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, ops.optimizer)
     scaler = grad_scaler(device, dtype)
-    iter_num, best_val_loss, resumed = 0, math.inf, checkpoint is not None
-    if resumed:
-        iter_num, best_val_loss = ckpt_io.restore_training_state(checkpoint, optimizer, scaler, streams, ckpt_path, dist_info)
-        log(f"resumed from {ckpt_path} at iteration {iter_num}")
-        checkpoint = None  # free the CPU copy of the weights
+    iter_num, best_val_loss = 0, math.inf
+    if resumed_from:
+        iter_num, best_val_loss = ckpt_io.restore_training_state(checkpoint, optimizer, scaler, streams, resumed_from,
+                                                                 dist_info)
+        log(f"resumed from {resumed_from} at iteration {iter_num}")
+        checkpoint = None
     else:
         torch.manual_seed(cfg.seed + dist_info.rank)  # dropout masks differ across ranks
     run_info = run_record(cfg.to_dict(), device, dist_info.world_size)
     if dist_info.is_master and not (cfg.eval_only or cfg.profile):  # only a run that trains writes to out_dir
-        for path, moved in begin_run(cfg.out_dir, run_info, fresh=not resumed):
+        for path, moved in begin_run(cfg.out_dir, run_info, fresh=resumed_from is None):
             log(f"kept the previous run's {path.name} as {moved}")
 
     # ---------------------------------------------------------------- compile, DDP
@@ -202,7 +199,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / dist_info.world_size  # per device
 
     watch = LossWatch(device) if cfg.on_nonfinite_loss == "stop" else None
-    saved = ckpt_path if resumed else None  # the last good checkpoint
+    saved = resumed_from  # the last good checkpoint
 
     def check_finite() -> None:  # before a NaN-poisoned state is saved or trained on
         if watch:

@@ -57,7 +57,7 @@ def test_malformed_override():
     [
         ({"n_embd": 100, "n_head": 3}, r"n_embd=100 must be divisible by n_head=3"),
         ({"dtype": "fp8"}, r"dtype='fp8' is not allowed; choose one of"),
-        ({"init_from": "gpt2"}, r"init_from='gpt2' is not allowed"),
+        ({"init_from": "gpt3"}, r"init_from='gpt3' is not allowed"),
         ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
         ({"dropout": 1.5}, r"dropout=1.5 must be in \[0, 1\)"),
         ({"min_lr": 1.0, "learning_rate": 0.1}, r"min_lr=1.0 must not exceed learning_rate=0.1"),

@@ -9,7 +9,7 @@ from fastgpt import checkpoint as ckpt_io
 from fastgpt.checkpoint import CheckpointError
 from fastgpt.train import train
 
-from conftest import tiny_config
+from conftest import tiny_config, write_char_dataset
 
 
 def params(model):
@@ -64,11 +64,24 @@ def test_resume_continues_exactly(tmp_path, tiny_data):
         torch.testing.assert_close(params(second["model"])[k], v, rtol=1e-6, atol=1e-7)
 
 
-def test_resume_refuses_another_shape(tmp_path, tiny_data):
+def test_resume_takes_the_checkpoints_shape_and_says_so(tmp_path, tiny_data, capsys):
     data_root, _ = tiny_data
-    train(tiny_config(tmp_path, data_root, max_iters=10))
-    with pytest.raises(CheckpointError, match=r"another model shape: n_layer=2 \(config asks 3\)"):
-        train(tiny_config(tmp_path, data_root, init_from="resume", n_layer=3))
+    train(tiny_config(tmp_path, data_root, max_iters=10, vocab_multiple=1, block_size=8))
+    # As with a nanoGPT checkpoint: another depth, no vocabulary padding, a shorter context.
+    result = train(tiny_config(tmp_path, data_root, init_from="resume", n_layer=3, max_iters=12))
+    assert ("took the model's shape from ckpt.pt: n_layer=2 (config: 3), block_size=8 (config: 16), vocab_size=32 "
+            "(config: 64)") in capsys.readouterr().out
+    model = result["model"]
+    assert (len(model.transformer.h), model.config.block_size, model.config.vocab_size) == (2, 8, 32)
+    assert ckpt_io.load_checkpoint(tmp_path / "out" / "ckpt.pt")["config"]["block_size"] == 8  # batches followed
+
+
+def test_resume_refuses_a_vocabulary_smaller_than_the_datasets(tmp_path, tiny_data):
+    data_root, _ = tiny_data
+    train(tiny_config(tmp_path, data_root, max_iters=10, vocab_multiple=1))
+    write_char_dataset(data_root / "tiny", vocab=40)
+    with pytest.raises(CheckpointError, match=r"has a vocabulary of 32 ids, but the dataset's has 40"):
+        train(tiny_config(tmp_path, data_root, init_from="resume"))
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path, tiny_data):
