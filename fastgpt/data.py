@@ -162,9 +162,9 @@ _RUNNING: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
 
 @atexit.register
 def _close_running_prefetchers() -> None:
-    """Stop every worker before the interpreter tears down. A daemon thread still inside torch
+    """Stop every worker before the interpreter tears down: a daemon thread still inside torch
     while it does can abort the process ("terminate called without an active exception", exit
-    status 134): 5 of 60 exits of a script that never called close(), under torch 2.11."""
+    status 134) in a script that never called close()."""
     for prefetcher in list(_RUNNING):
         prefetcher.close()
 

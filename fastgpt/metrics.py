@@ -48,7 +48,7 @@ GPU_PEAK_FLOPS = (
 # CPU peak measurement: square matmuls this large reach the BLAS's steady state on a laptop or a
 # server; run untimed for a while first (clocks and the thread pool ramp up), then repeated for at
 # least CPU_PEAK_SECONDS, best rate kept (the least disturbed run): on a shared VM single runs
-# vary by 1.5x, and a short measurement understated the peak so much that MFU showed above 100%.
+# vary widely, and a short measurement understates the peak until MFU reads above 100%.
 CPU_PEAK_MATMUL_SIZE = 1024
 CPU_PEAK_WARMUP_SECONDS = 0.25
 CPU_PEAK_SECONDS = 1.5

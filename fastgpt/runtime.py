@@ -8,15 +8,13 @@ import platform
 
 import torch
 
-from fastgpt.metrics import cpu_peak_flops
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The device types the trainer and the sampler are written for; torch knows others ('meta' has no data at all).
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-# On a CPU, autocast to bf16 only when the machine multiplies bf16 matrices clearly faster than
-# fp32 (AVX512-BF16 or AMX): without native support bf16 is emulated and runs slower, and with
-# little gain the rounding costs more than the time saves.
-CPU_BF16_MIN_SPEEDUP = 1.3
+# On a CPU, autocast to bf16 only where the instruction set multiplies bf16 natively (x86's
+# AVX512-BF16 or AMX, as /proc/cpuinfo names them): elsewhere oneDNN emulates bf16 and the step
+# runs slower than in fp32.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # glibc's mallopt parameters (malloc.h): the number of blocks it may mmap, and the free space at the
 # top of the heap past which it returns memory to the OS (a C int: 2 GiB at most).
 MALLOC_MMAP_MAX, MALLOC_TRIM_THRESHOLD = -4, -1
@@ -54,14 +52,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo); empty where the OS does not list them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: 'auto' picks the fastest the device runs natively."""
+    """The autocast dtype: 'auto' picks the fastest the device runs natively, from what the
+    device reports (no measurement, no files)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu":
-            faster = cpu_peak_flops(torch.bfloat16) >= CPU_BF16_MIN_SPEEDUP * cpu_peak_flops(torch.float32)
-            return torch.bfloat16 if faster else torch.float32
+        if device.type == "cpu" and cpu_flags() & set(CPU_BF16_FLAGS):
+            return torch.bfloat16
         return torch.float32
     dtype = DTYPES[name]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -95,7 +102,7 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc serve every block from its heap and never hand freed memory back to the
     OS. By default each block over 32 MB (less, before glibc's threshold adapts) is a fresh mmap
     and its free an munmap, so every training step page-faults its large activations and
-    gradients in again: zeroing GPT-2's 154 MB embedding gradient was mostly page faults. From the
+    gradients in again (zeroing GPT-2's embedding gradient is then mostly page faults). From the
     heap, later steps mostly reuse pages already mapped (tests/test_runtime.py counts the faults),
     as torch's CUDA allocator caches blocks; the resident size stays at the step's peak instead of
     dropping between steps. Returns whether the setting took (False off glibc: macOS, musl)."""

@@ -1,4 +1,4 @@
-"""fastgpt.runtime: the CPU allocator setting that keeps freed memory with the process."""
+"""fastgpt.runtime: the CPU allocator setting that keeps freed memory with the process, and the dtype choice."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # A training-like loop: each step allocates and frees 32 MiB activations and gradients. Counts
 # the page faults of four steps after two of warm-up.
@@ -40,3 +41,13 @@ def test_steps_reuse_freed_memory_instead_of_faulting_it_in():
     # By default each 32 MiB block is a fresh mmap whose every page faults in, several a step.
     assert faults["default"] > 4 * 2 * PAGES_32_MIB
     assert faults["keep"] < 0.5 * faults["default"]
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                            ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), torch.float32)])
+def test_auto_dtype_on_a_cpu_reads_its_flags_and_measures_nothing(monkeypatch, flags, expected):
+    from fastgpt import metrics, runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda *a, **k: pytest.fail("resolve_dtype measured"))
+    assert runtime.resolve_dtype("auto", torch.device("cpu")) is expected
