@@ -17,6 +17,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from fastgpt.dataformat import DEFAULT_DATA_ROOT
+
 
 class ConfigError(ValueError):
     """A config file, override or value is wrong; the message is one line for the user."""
@@ -68,7 +70,7 @@ class TrainConfig:
     wandb_run_name: str = field(default="gpt2", metadata=_doc("W&B run name"))
     # --- data
     dataset: str = field(default="openwebtext", metadata=_doc("folder under data_root holding train.bin/val.bin"))
-    data_root: str = field(default="data", metadata=_doc("parent folder of datasets (nanoGPT: data/)"))
+    data_root: str = field(default=str(DEFAULT_DATA_ROOT), metadata=_doc("parent folder of datasets (nanoGPT: data/)"))
     gradient_accumulation_steps: int = field(
         default=5 * 8, metadata=_doc("micro-batches per optimizer step; loss is scaled by 1/k")
     )

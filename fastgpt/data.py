@@ -22,7 +22,7 @@ import weakref
 import numpy as np
 import torch
 
-from fastgpt.prepare import TOKEN_DTYPE  # the writer defines the file format
+from fastgpt.dataformat import TOKEN_DTYPE
 from fastgpt.tokenizer import DataError  # defined with the meta.pkl reader, the lowest module that reads a dataset
 
 # Scan for the largest token id this many tokens at a time (128 MiB of uint16), so validating a

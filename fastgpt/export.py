@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.cli import OneLineParser
+from fastgpt.dataformat import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.pretrained import CONFIG_NAME, SAFETENSORS_NAME, PretrainedError, hf_config, to_hf_state
 from fastgpt.tokenizer import CharTokenizer, DataError, load_tokenizer, write_gpt2_hf_tokenizer
@@ -48,7 +49,7 @@ def export_hf(out_dir: str | os.PathLike, hf_dir: str | os.PathLike, data_dir: s
         raise ExportError(f"{path}: its model_args do not describe a GPT ({e})") from e
     ckpt_io.load_model_state(model, checkpoint["model"], path)
     config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
-    data = pathlib.Path(data_dir) if data_dir else pathlib.Path(config.get("data_root", "data")) / config.get("dataset", "")
+    data = pathlib.Path(data_dir) if data_dir else pathlib.Path(config.get("data_root", DEFAULT_DATA_ROOT)) / config.get("dataset", "")
     if not data.is_dir():
         raise ExportError(f"the run's dataset folder {str(data)!r} is not here, and its vocabulary goes with the "
                           "export; pass --data_dir=the dataset folder")

@@ -21,6 +21,7 @@ import torch
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.cli import OneLineParser
+from fastgpt.dataformat import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2
 from fastgpt.runtime import DTYPES, RuntimeConfigError, autocast, resolve_device, resolve_dtype
@@ -138,7 +139,7 @@ def sample(args: argparse.Namespace) -> list[str]:
     elif args.data_dir is not None:
         data_dir, named_by = pathlib.Path(args.data_dir), f"data_dir={args.data_dir!r}"
     else:
-        data_dir = pathlib.Path(config.get("data_root", "data")) / config.get("dataset", "")
+        data_dir = pathlib.Path(config.get("data_root", DEFAULT_DATA_ROOT)) / config.get("dataset", "")
         named_by = f"the checkpoint's data_root/dataset {str(data_dir)!r}"
     # Without its folder, the dataset's tokenizer would silently become GPT-2's.
     if data_dir is not None and not data_dir.is_dir():

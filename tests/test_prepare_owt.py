@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastgpt import prepare as prep
+from fastgpt import corpora, prepare
+from fastgpt.corpora import openwebtext as owt
+from fastgpt.corpora.encode import encode_gpt2_batch
+from fastgpt.dataformat import DEFAULT_DATA_ROOT
 from fastgpt.config import load_config
 from fastgpt.tokenizer import EOT_TOKEN, GPT2_EOT_ID, get_gpt2_encoding
 
@@ -51,7 +54,7 @@ def make_documents(n: int = N_DOCUMENTS, seed: int = 0) -> list[str]:
 
 
 class FakeDataset:
-    """The part of `datasets.Dataset` that fastgpt.prepare uses, over a list of texts.
+    """The part of `datasets.Dataset` that fastgpt.corpora.openwebtext uses, over a list of texts.
 
     `shard` and `train_test_split` follow datasets' own rules (contiguous shards whose sizes
     differ by at most one, the larger first; the test count rounded up), so the sizes match
@@ -118,7 +121,7 @@ def encoding():
 
 def run_owt(out, num_proc=2, **kwargs):
     kwargs = {"val_fraction": VAL_FRACTION, "docs_per_shard": DOCS_PER_SHARD, **kwargs}
-    return prep.prepare_openwebtext(out, num_proc=num_proc, **kwargs)
+    return owt.prepare_openwebtext(out, num_proc=num_proc, **kwargs)
 
 
 # --- The OpenWebText path, on the stand-in -----------------------------------------------------
@@ -128,7 +131,7 @@ def test_owt_round_trips_documents(tmp_path, monkeypatch, fake_datasets, encodin
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "openwebtext").mkdir(parents=True)
     (tmp_path / "data" / "openwebtext" / "meta.pkl").write_bytes(b"left by a character-level run")
-    out = prep.prepare_openwebtext(num_proc=2, val_fraction=VAL_FRACTION, docs_per_shard=DOCS_PER_SHARD)
+    out = owt.prepare_openwebtext(num_proc=2, val_fraction=VAL_FRACTION, docs_per_shard=DOCS_PER_SHARD)
     assert out == Path("data") / "openwebtext"
     assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin"]  # no meta.pkl, no temp files
 
@@ -184,7 +187,7 @@ def test_owt_cli(tmp_path, fake_datasets):
     out = tmp_path / "owt"
     argv = ["openwebtext", "--out", str(out), "--num-proc", "2", "--val-fraction", str(VAL_FRACTION),
             "--docs-per-shard", str(DOCS_PER_SHARD)]
-    assert prep.main(argv) == 0
+    assert prepare.main(argv) == 0
     val = read_bin(out / "val.bin")
     assert int((val == GPT2_EOT_ID).sum()) == EXPECTED_VAL_DOCUMENTS
 
@@ -210,13 +213,13 @@ def test_owt_interrupted_run_keeps_previous_files(tmp_path, monkeypatch, fake_da
 def test_owt_without_datasets_says_what_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ImportError) as excinfo:
-        prep.prepare_openwebtext(tmp_path / "owt")
+        owt.prepare_openwebtext(tmp_path / "owt")
     message = str(excinfo.value)
     assert "\n" not in message
     assert "pip install -e '.[openwebtext]'" in message and "pip install datasets" in message
     assert not (tmp_path / "owt").exists()
 
-    assert prep.main(["openwebtext", "--out", str(tmp_path / "owt")]) == 1
+    assert prepare.main(["openwebtext", "--out", str(tmp_path / "owt")]) == 1
     assert "error: openwebtext needs the optional `datasets` package" in capsys.readouterr().err
 
 
@@ -242,14 +245,14 @@ def test_owt_loading_script_refusal_says_what_to_do(tmp_path, monkeypatch, fake_
 )
 def test_owt_bad_arguments_fail_before_loading(tmp_path, fake_datasets, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        prep.prepare_openwebtext(tmp_path, **kwargs)
+        owt.prepare_openwebtext(tmp_path, **kwargs)
     assert fake_datasets == []  # nothing downloaded
 
 
 def test_ensure_dataset_openwebtext_says_to_install_the_extra(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as excinfo:
-        prep.ensure_dataset("openwebtext", prep.DEFAULT_DATA_ROOT / "openwebtext")
+        corpora.ensure_dataset("openwebtext", DEFAULT_DATA_ROOT / "openwebtext")
     message = str(excinfo.value)
     assert "pip install -e '.[openwebtext]'" in message
     assert message.endswith("with: python -m fastgpt.prepare openwebtext")
@@ -263,7 +266,7 @@ def test_write_document_splits_takes_plain_iterables(tmp_path, fake_datasets):
     run_owt(tmp_path / "owt")
     train_docs, val_docs = expected_splits(make_documents())
     splits = {"train": train_docs, "val": (d for d in val_docs)}
-    counts = prep.write_document_splits(splits, tmp_path / "plain", threads=2, docs_per_shard=DOCS_PER_SHARD)
+    counts = owt.write_document_splits(splits, tmp_path / "plain", threads=2, docs_per_shard=DOCS_PER_SHARD)
     assert counts["val"].documents == EXPECTED_VAL_DOCUMENTS
     assert counts["train"].documents == N_DOCUMENTS - EXPECTED_VAL_DOCUMENTS
     for name in ("train", "val"):
@@ -275,18 +278,18 @@ def test_write_document_splits_takes_plain_iterables(tmp_path, fake_datasets):
 def test_encode_gpt2_batch_marks_document_ends(encoding):
     texts = ["Hello world", " and more", ""]
     plain = [encoding.encode_ordinary(t) for t in texts]
-    assert prep.encode_gpt2_batch(texts, threads=2) == [ids + [GPT2_EOT_ID] for ids in plain]
+    assert encode_gpt2_batch(texts, threads=2) == [ids + [GPT2_EOT_ID] for ids in plain]
     ends = (False, True, False)  # the text path: only a file's last piece ends its document
     expected = [plain[0], plain[1] + [GPT2_EOT_ID], plain[2]]
-    assert prep.encode_gpt2_batch(texts, threads=2, ends_document=ends) == expected
+    assert encode_gpt2_batch(texts, threads=2, ends_document=ends) == expected
     with pytest.raises(ValueError, match="ends_document has 2 flags for 3 texts"):
-        prep.encode_gpt2_batch(texts, threads=1, ends_document=(True, True))
+        encode_gpt2_batch(texts, threads=1, ends_document=(True, True))
 
 
 def test_document_shards_cover_the_source_once():
     docs = [str(i) for i in range(23)]
-    from_dataset = list(prep.document_shards(FakeDataset(docs), docs_per_shard=5))
-    from_iterable = list(prep.document_shards(iter(docs), docs_per_shard=5))
+    from_dataset = list(owt.document_shards(FakeDataset(docs), docs_per_shard=5))
+    from_iterable = list(owt.document_shards(iter(docs), docs_per_shard=5))
     assert [len(s) for s in from_dataset] == [5, 5, 5, 4, 4]  # datasets balances the sizes
     assert [len(s) for s in from_iterable] == [5, 5, 5, 5, 3]
     assert sum(from_dataset, []) == sum(from_iterable, []) == docs
@@ -294,19 +297,19 @@ def test_document_shards_cover_the_source_once():
 
 def test_write_document_splits_rejects_an_empty_split_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"split 'val' has no documents"):
-        prep.write_document_splits({"train": ["some text"], "val": []}, tmp_path, threads=1)
+        owt.write_document_splits({"train": ["some text"], "val": []}, tmp_path, threads=1)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["", "../train", "sub/train", ".hidden"])
 def test_write_document_splits_rejects_path_like_names(tmp_path, name):
     with pytest.raises(ValueError, match="must be a plain file name"):
-        prep.write_document_splits({name: ["text"]}, tmp_path, threads=1)
+        owt.write_document_splits({name: ["text"]}, tmp_path, threads=1)
 
 
 def test_a_split_given_as_one_string_is_an_error():
     with pytest.raises(ValueError, match="a split is one string"):
-        list(prep.document_shards("not a list of documents"))
+        list(owt.document_shards("not a list of documents"))
 
 
 # --- configs/owt.py -------------------------------------------------------------------------------
