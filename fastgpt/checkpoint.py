@@ -27,6 +27,7 @@ import shutil
 import numpy as np
 import torch
 
+from fastgpt import distributed
 from fastgpt.assets import atomic_writer, fsync_dir
 from fastgpt.model import GPTConfig
 
@@ -238,6 +239,32 @@ def training_state(
         "rng": rng,
         "run": run,
     }
+
+
+class Saver:
+    """Saves the run's training state as its newest checkpoint: a collective (every rank calls
+    save, rank 0 writes). `before_save` runs first on every rank and may raise to refuse the save
+    (the loop's non-finite-loss check); `last_good` is the newest checkpoint known good, the one a
+    resume started from until this run saves one."""
+
+    def __init__(self, out_dir, keep: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, model_args: dict, config: dict, streams: dict, run: dict, dist_info,
+                 before_save=lambda: None, last_good: pathlib.Path | None = None):
+        self.out_dir, self.keep, self.dist_info, self.before_save = out_dir, keep, dist_info, before_save
+        self.parts = (model, optimizer, scaler, model_args, config)
+        self.streams, self.run, self.last_good = streams, run, last_good
+
+    def save(self, iter_num: int, best_val_loss: float) -> pathlib.Path | None:
+        """The path written (on rank 0; None on the others)."""
+        self.before_save()
+        rng = distributed.gather_objects(rng_state(), self.dist_info)
+        if not self.dist_info.is_master:
+            return None
+        model, optimizer, scaler, model_args, config = self.parts
+        state = training_state(model, optimizer, scaler, model_args, config, iter_num, best_val_loss, self.streams,
+                               rng, self.run)
+        self.last_good = write_checkpoint(self.out_dir, state, self.keep)
+        return self.last_good
 
 
 # Optimizer group fields that say how a step runs, not what it computes.

@@ -283,3 +283,15 @@ class Prefetcher:
                     return
         except BaseException as e:  # noqa: BLE001 - every failure must reach the training loop
             self._put(_Failure(e))
+
+
+# The run's streams: name -> the split it reads. The evaluation streams are separate from the
+# training one, so estimating the loss never moves the training stream.
+RUN_STREAMS = {"train": "train", "train_eval": "train", "val_eval": "val"}
+
+
+def run_streams(splits: dict[str, np.ndarray], batch_size: int, block_size: int, seed: int, rank: int,
+                world_size: int, device: torch.device | str) -> dict[str, Prefetcher]:
+    """A prefetcher for each of RUN_STREAMS over `splits` (split name -> tokens); close each when done."""
+    return {name: Prefetcher(BatchStream(splits[split], batch_size, block_size, seed, name, rank, world_size), device)
+            for name, split in RUN_STREAMS.items()}

@@ -78,6 +78,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def rank_zero_first(info: DistInfo, fn) -> None:
+    """Run fn on rank 0, then, after a barrier, on the others: rank 0 prepares what a shared disk
+    gives every rank, and a node without one prepares its own copy after."""
+    if info.is_master:
+        fn()
+    barrier(info)
+    if not info.is_master:
+        fn()
+
+
 def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
     """Wrap in DDP (after torch.compile, as nanoGPT and the DDP docs do) when there are ranks."""
     if not info.enabled:

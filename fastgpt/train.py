@@ -22,13 +22,15 @@ import math
 import pathlib
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt import distributed
 from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
-from fastgpt.data import BatchStream, DataError, Prefetcher, open_tokens
+from fastgpt.corpora import ensure_dataset
+from fastgpt.data import DataError, Prefetcher, open_tokens, run_streams
 from fastgpt.metrics import (MetricsLog, ThroughputMeter, describe_peak, elapsed_before, format_log_line, host_summary,
                              metrics_path, peak_flops)
 from fastgpt.model import GPT
@@ -36,7 +38,6 @@ from fastgpt.ops import KernelChoiceError, get_ops, resolve_kernels
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
 from fastgpt.pretrained import PretrainedError
-from fastgpt.corpora import ensure_dataset
 from fastgpt.profiling import StepProfiler
 from fastgpt.rundir import RunDirError, begin_run, check_free_space, check_writable, run_record
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
@@ -94,15 +95,23 @@ def estimate_loss(model: torch.nn.Module, batches: dict[str, Prefetcher], eval_i
     return out
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the training loop. Returns the final iteration, the last evaluation's losses, the best
-    val loss, the logged history and the (uncompiled) model. Background threads stop on return
-    and on error; the process group (if any) is main()'s to release."""
+@dataclass
+class TrainResult:
+    iter_num: int  # optimizer steps taken, in all
+    losses: dict[str, float]  # the last evaluation's mean loss per split ({} if none ran)
+    best_val_loss: float
+    history: dict[str, list]  # 'train': (iter, loss) at log steps; 'eval': (iter, train, val)
+    model: torch.nn.Module  # the uncompiled, unwrapped model
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the training loop. Background threads stop on return and on error; the process group
+    (if any) is main()'s to release."""
     with contextlib.ExitStack() as cleanup:
         return _train(cfg, cleanup)
 
 
-def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
+def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     # ---------------------------------------------------------------- runtime
     device = resolve_device(cfg.device)
     dist_info = distributed.setup(device.type, cfg.backend, cfg.ddp_timeout)
@@ -132,11 +141,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
 
     # ---------------------------------------------------------------- data
     data_dir = pathlib.Path(cfg.data_root) / cfg.dataset
-    if dist_info.is_master:
-        ensure_dataset(cfg.dataset, data_dir)
-    distributed.barrier(dist_info)  # the other ranks wait for rank 0 to prepare the data
-    if not dist_info.is_master:
-        ensure_dataset(cfg.dataset, data_dir)  # a node without a shared disk prepares its own copy
+    distributed.rank_zero_first(dist_info, lambda: ensure_dataset(cfg.dataset, data_dir))
     vocab_size = cfg.vocab_size or dataset_vocab_size(data_dir)
     start = resolve_start(cfg, vocab_size)  # a new model, a checkpoint or GPT-2: its shape wins
     if taken := describe_start(start):
@@ -144,18 +149,10 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     cfg = adopt_shape(cfg, start.model_args)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all ranks
     splits = {s: open_tokens(data_dir / f"{s}.bin", vocab_size, cfg.block_size) for s in ("train", "val")}
-
-    def prefetcher(split: str, key: str) -> Prefetcher:
-        stream = BatchStream(splits[split], cfg.batch_size, cfg.block_size, cfg.seed, key,
-                             dist_info.rank, dist_info.world_size)
-        batches = Prefetcher(stream, device)
-        cleanup.callback(batches.close)
-        return batches
-
-    train_batches = prefetcher("train", "train")
-    # Separate streams for evaluation, so estimate_loss never moves the training stream.
-    eval_batches = {"train": prefetcher("train", "train_eval"), "val": prefetcher("val", "val_eval")}
-    streams = {"train": train_batches, "train_eval": eval_batches["train"], "val_eval": eval_batches["val"]}
+    streams = run_streams(splits, cfg.batch_size, cfg.block_size, cfg.seed, dist_info.rank, dist_info.world_size, device)
+    for stream in streams.values():
+        cleanup.callback(stream.close)
+    train_batches, eval_batches = streams["train"], {"train": streams["train_eval"], "val": streams["val_eval"]}
 
     # ---------------------------------------------------------------- model
     model_args, checkpoint, log_path = start.model_args, start.checkpoint, metrics_path(cfg.out_dir)
@@ -199,21 +196,17 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / dist_info.world_size  # per device
 
     watch = LossWatch(device) if cfg.on_nonfinite_loss == "stop" else None
-    saved = resumed_from  # the last good checkpoint
 
     def check_finite() -> None:  # before a NaN-poisoned state is saved or trained on
         if watch:
-            watch.check(dist_info.enabled, saved)
+            watch.check(dist_info.enabled, saver.last_good)
 
-    def save() -> None:
-        nonlocal saved
-        check_finite()
-        rng = distributed.gather_objects(ckpt_io.rng_state(), dist_info)  # a collective: every rank calls save
-        if dist_info.is_master:
-            state = ckpt_io.training_state(raw_model, optimizer, scaler, model_args.to_dict(), cfg.to_dict(),
-                                           iter_num, best_val_loss, streams, rng, run_info)
-            saved = ckpt_io.write_checkpoint(cfg.out_dir, state, cfg.keep_checkpoints)
-            log(f"saved checkpoint to {saved}")
+    saver = ckpt_io.Saver(cfg.out_dir, cfg.keep_checkpoints, raw_model, optimizer, scaler, model_args.to_dict(),
+                          cfg.to_dict(), streams, run_info, dist_info, before_save=check_finite, last_good=resumed_from)
+
+    def save() -> None:  # a collective: every rank calls it
+        if path := saver.save(iter_num, best_val_loss):
+            log(f"saved checkpoint to {path}")
 
     # ---------------------------------------------------------------- the loop
     start_iter, losses, lr, mfu = iter_num, {}, cfg.learning_rate, None
@@ -285,7 +278,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> dict:
     log(prof.report() if cfg.profile else meter.summary(iter_num, best_val_loss))
     if dist_info.is_master and not (cfg.profile or cfg.eval_only):
         log(save_plot(log_path, pathlib.Path(cfg.out_dir) / "loss.png"))
-    return {"iter_num": iter_num, "losses": losses, "best_val_loss": best_val_loss, "history": history, "model": raw_model}
+    return TrainResult(iter_num, losses, best_val_loss, history, raw_model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,7 @@ def test_nanogpt_checkpoint_samples_and_resumes(tmp_path, tiny_data):
     assert text.startswith("abc") and len(text) >= 8
 
     result = train(tiny_config(tmp_path, data_root, max_iters=4, eval_interval=2, init_from="resume"))
-    assert result["iter_num"] == 4
+    assert result.iter_num == 4
 
 
 def test_load_model_state_names_shape_mismatch():
@@ -169,7 +169,7 @@ def test_without_ckpt_pt_the_highest_numbered_checkpoint_is_the_newest(tmp_path)
 def test_init_from_auto_starts_fresh_then_resumes(tmp_path, tiny_data):
     data_root, _ = tiny_data
     first = train(tiny_config(tmp_path, data_root, max_iters=4, eval_interval=2, init_from="auto"))
-    assert first["iter_num"] == 4
+    assert first.iter_num == 4
     second = train(tiny_config(tmp_path, data_root, max_iters=6, eval_interval=2, init_from="auto"))
-    assert second["iter_num"] == 6 and len(second["history"]["eval"]) == 1  # evaluated 6 only, not 4 again
+    assert second.iter_num == 6 and len(second.history["eval"]) == 1  # evaluated 6 only, not 4 again
     assert [it for it, _ in ckpt_io.numbered_checkpoints(tmp_path / "out")] == [4, 6]

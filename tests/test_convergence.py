@@ -17,5 +17,5 @@ def test_default_config_reaches_target_val_loss(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # data/ and out-shakespeare-char/ land in the temporary folder
     cfg = load_config(str(DEFAULT_CONFIG), [])
     result = train(cfg)
-    assert result["iter_num"] == cfg.max_iters
-    assert result["losses"]["val"] <= TARGET_VAL_LOSS
+    assert result.iter_num == cfg.max_iters
+    assert result.losses["val"] <= TARGET_VAL_LOSS

@@ -73,7 +73,7 @@ def test_ddp_checkpoint_resumes_on_one_or_two_processes(tmp_path, tiny_data):
     resume = dict(whole, batch_size=4, gradient_accumulation_steps=2, init_from="resume")
     run_ddp(tiny_config(tmp_path / "ddp", data_root, **resume), tmp_path)
     result = train(tiny_config(tmp_path / "ddp1", data_root, **resume))
-    assert result["iter_num"] == 8
+    assert result.iter_num == 8
     reference = weights_and_moments(tmp_path / "ref" / "out")
     assert_same_training(reference, weights_and_moments(tmp_path / "ddp" / "out"))
     assert_same_training(reference, weights_and_moments(tmp_path / "ddp1" / "out"))

@@ -99,10 +99,10 @@ def test_short_runs_match_and_checkpoints_cross_over(tmp_path, tiny_data, monkey
     common = dict(max_iters=6, eval_interval=3, eval_iters=1, log_interval=1, lr_decay_iters=12)
     torch_run = train(tiny_config(tmp_path / "t", data_root, kernels="torch", **common))
     triton_run = train(tiny_config(tmp_path / "k", data_root, kernels="triton", **common))
-    for (it, la), (_, lb) in zip(torch_run["history"]["train"], triton_run["history"]["train"]):
+    for (it, la), (_, lb) in zip(torch_run.history["train"], triton_run.history["train"]):
         assert lb == pytest.approx(la, rel=1e-4, abs=1e-5), it
     # A checkpoint written with the Triton kernels (and Triton AdamW) resumes on torch ops, and
     # the other way round.
     longer = dict(common, max_iters=9)
-    assert train(tiny_config(tmp_path / "k", data_root, kernels="torch", init_from="resume", **longer))["iter_num"] == 9
-    assert train(tiny_config(tmp_path / "t", data_root, kernels="triton", init_from="resume", **longer))["iter_num"] == 9
+    assert train(tiny_config(tmp_path / "k", data_root, kernels="torch", init_from="resume", **longer)).iter_num == 9
+    assert train(tiny_config(tmp_path / "t", data_root, kernels="triton", init_from="resume", **longer)).iter_num == 9

@@ -78,7 +78,7 @@ def test_without_matplotlib_training_says_so_and_finishes(tmp_path, tiny_data, m
     data_root, _ = tiny_data
     without_matplotlib(monkeypatch)
     result = train(tiny_config(tmp_path, data_root, max_iters=5, eval_interval=5))
-    assert result["iter_num"] == 5 and (tmp_path / "out" / "ckpt.pt").exists()
+    assert result.iter_num == 5 and (tmp_path / "out" / "ckpt.pt").exists()
     assert capsys.readouterr().out.splitlines()[-1] == plot.MISSING_MATPLOTLIB
     assert not (tmp_path / "out" / "loss.png").exists()
 

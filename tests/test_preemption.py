@@ -179,5 +179,5 @@ def test_skip_mode_drops_the_poisoned_step_and_finishes(tmp_path, tiny_data, nan
     data_root, _ = tiny_data
     result = train(tiny_config(tmp_path, data_root, **{**RUN, "dropout": 0.0, "on_nonfinite_loss": "skip"}))
     assert "iter 6: gradient norm NaN or inf, step skipped" in capsys.readouterr().out
-    assert result["iter_num"] == 12
-    assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+    assert result.iter_num == 12
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())

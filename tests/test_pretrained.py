@@ -168,12 +168,12 @@ def test_finetune_from_gpt2_then_export_round_trips_through_transformers(tmp_pat
     result = train(cfg)
     out = capsys.readouterr().out
     assert "took the model's shape from gpt2: n_layer=2 (config: 6), n_embd=32 (config: 48)" in out
-    assert result["model"].config.block_size == 32
+    assert result.model.config.block_size == 32
 
     folder = export.export_hf(tmp_path / "out", tmp_path / "exported")
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()}
     back = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
-    model = result["model"].eval()
+    model = result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(ids[:, :32]).logits, fastgpt_logits(model, ids[:, :32])[..., :GPT2_VOCAB],
                                    rtol=1e-5, atol=1e-5)
@@ -192,7 +192,7 @@ def test_a_character_level_run_exports_with_its_vocabulary(tmp_path, tiny_data, 
     assert back.config.activation_function == "gelu" and back.config.vocab_size == 32
     idx = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(back(idx).logits, fastgpt_logits(result["model"].eval(), idx)[..., :32],
+        torch.testing.assert_close(back(idx).logits, fastgpt_logits(result.model.eval(), idx)[..., :32],
                                    rtol=1e-5, atol=1e-5)
 
 

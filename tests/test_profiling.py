@@ -57,7 +57,7 @@ def test_profile_keeps_an_existing_checkpoint_in_place(tmp_path, tiny_data):
     before = (tmp_path / "out" / "ckpt.pt").read_bytes()
     log_before = (tmp_path / "out" / "metrics.jsonl").read_bytes()
     result = train(tiny_config(tmp_path, data_root, profile=True, profile_wait=0, profile_warmup=1, profile_active=1))
-    assert result["iter_num"] == 2  # the schedule's steps, then out; no evaluation
+    assert result.iter_num == 2  # the schedule's steps, then out; no evaluation
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
     assert not list((tmp_path / "out").glob("ckpt.*.pt"))  # not set aside either
     assert (tmp_path / "out" / "metrics.jsonl").read_bytes() == log_before

@@ -20,8 +20,8 @@ def test_short_run_learns(tmp_path, tiny_data):
     data_root, _ = tiny_data
     result = train(tiny_config(tmp_path, data_root, max_iters=150, eval_interval=150, eval_iters=10,
                                lr_decay_iters=150, batch_size=8, block_size=32))
-    first_val = result["history"]["eval"][0][2]
-    last_val = result["losses"]["val"]
+    first_val = result.history["eval"][0][2]
+    last_val = result.losses["val"]
     assert first_val == pytest.approx(math.log(64), abs=0.2)  # uniform over 32 ids padded to 64 at init
     assert last_val < 0.6 * first_val  # a 10%-noise counting pattern: well below the initial loss
     assert (tmp_path / "out" / "ckpt.pt").exists()
@@ -53,15 +53,15 @@ def test_resume_continues_exactly(tmp_path, tiny_data):
     whole = train(tiny_config(tmp_path / "whole", data_root, **common))
     out = tmp_path / "parts"
     first = train(tiny_config(out, data_root, **{**common, "max_iters": 10}))
-    assert first["iter_num"] == 10
+    assert first.iter_num == 10
     second = train(tiny_config(out, data_root, init_from="resume", **common))
-    losses_whole = dict(whole["history"]["train"])
-    losses_resumed = dict(second["history"]["train"])
+    losses_whole = dict(whole.history["train"])
+    losses_resumed = dict(second.history["train"])
     assert sorted(losses_resumed) == list(range(11, 21))
     for it in range(11, 21):
         assert losses_resumed[it] == pytest.approx(losses_whole[it], rel=1e-6, abs=1e-7), it
-    for k, v in params(whole["model"]).items():
-        torch.testing.assert_close(params(second["model"])[k], v, rtol=1e-6, atol=1e-7)
+    for k, v in params(whole.model).items():
+        torch.testing.assert_close(params(second.model)[k], v, rtol=1e-6, atol=1e-7)
 
 
 def test_resume_takes_the_checkpoints_shape_and_says_so(tmp_path, tiny_data, capsys):
@@ -71,7 +71,7 @@ def test_resume_takes_the_checkpoints_shape_and_says_so(tmp_path, tiny_data, cap
     result = train(tiny_config(tmp_path, data_root, init_from="resume", n_layer=3, max_iters=12))
     assert ("took the model's shape from ckpt.pt: n_layer=2 (config: 3), block_size=8 (config: 16), vocab_size=32 "
             "(config: 64)") in capsys.readouterr().out
-    model = result["model"]
+    model = result.model
     assert (len(model.transformer.h), model.config.block_size, model.config.vocab_size) == (2, 8, 32)
     assert ckpt_io.load_checkpoint(tmp_path / "out" / "ckpt.pt")["config"]["block_size"] == 8  # batches followed
 
