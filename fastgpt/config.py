@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 
 from fastgpt.dataformat import DEFAULT_DATA_ROOT
+from fastgpt.pretrained import GPT2_MODELS
+from fastgpt.runtime import DTYPES
 
 
 class ConfigError(ValueError):
@@ -45,7 +47,7 @@ class TrainConfig:
             "'scratch' for a new model, 'resume' to continue out_dir's newest checkpoint (its shape overrides the "
             "config's), 'auto' to resume when there is one and start from scratch when not (torchrun --max-restarts, "
             "requeued jobs), or OpenAI's 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from local files (hf_dir)",
-            ("scratch", "resume", "auto", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
+            ("scratch", "resume", "auto", *GPT2_MODELS),
         ),
     )
     hf_dir: typing.Optional[str] = field(
@@ -110,7 +112,7 @@ class TrainConfig:
         default="auto",
         metadata=_doc(
             "autocast dtype; 'auto' = bfloat16 where the device runs it natively, else float16 (+GradScaler) on CUDA, else float32",
-            ("auto", "float32", "bfloat16", "float16"),
+            ("auto", *DTYPES),
         ),
     )
     compile: typing.Union[bool, str] = field(
