@@ -44,7 +44,6 @@ SUITE_PAIRS = {
     "next_batch": ("prefetcher", "nanogpt"),
     "adamw": ("fastgpt", "default"),
     "linear_cross_entropy": ("fastgpt", "eager"),
-    "cross_entropy": ("triton", "eager"),
     "layer_norm": ("triton", "eager"),
     "load_gpt2": ("fastgpt", "transformers"),
 }

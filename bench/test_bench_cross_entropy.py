@@ -1,29 +1,25 @@
-"""Cross-entropy over (N, V) logits, and the LM head fused with it: Triton against torch.
+"""The LM head and its cross-entropy loss, forward+backward: fastgpt's and Triton's against torch.
 
     pytest bench/test_bench_cross_entropy.py --benchmark-only
 
 Providers, measured in the same run so their ratios mean something:
-  fastgpt   (the head only) what the model calls with kernels='auto': the Triton op on CUDA, the
-            chunked torch op (fastgpt/head_loss.py) on a CPU
-  triton    kernels.cross_entropy: the fused loss-and-gradient pass; linear_cross_entropy chunked
-  eager     the fp32 references: F.cross_entropy on the logits upcast to fp32 (what nanoGPT and
-            fastgpt's torch path do); for the head, F.linear in the input dtype first
-  compiled  the same references under torch.compile
+  fastgpt   what the model calls with kernels='auto': the Triton op on CUDA, the chunked torch op
+            (fastgpt/head_loss.py) on a CPU
+  triton    kernels.cross_entropy.linear_cross_entropy: the head and the loss chunked over rows
+  eager     the fp32 reference: F.linear in the input dtype, then F.cross_entropy on the logits
+            upcast to fp32 (what nanoGPT and fastgpt's torch path do)
+  compiled  the same reference under torch.compile
 
-Modes: forward, backward, forward+backward. Each round starts from fresh logits (a copy made
-outside the timed region: the Triton forward consumes them); backward times only the backward of
-a forward run in setup. Triton's backward is a scaling of the gradient its forward already wrote.
+Each round is forward+backward of the head and the loss.
 
-Shapes (bench/harness.py's size): "gpu", GPT-2 124M at batch 16 x 1024: logits (16384, 50304) in
-bf16, and the head at N = 16384, C = 768, V = 50304; "cpu", fp32 logits (256, 50304) and the head
-at N = 1024 (the CPU train step's 4 x 256). Without CUDA the triton provider is skipped (the
-interpreter would time numpy), and so is compiled (a GPU baseline; inductor's CPU compiles
-outlast the CPU budget); a further group sweeps the CPU op's chunk size.
+Shapes (bench/harness.py's size): "gpu", GPT-2 124M at batch 16 x 1024: N = 16384, C = 768,
+V = 50304 in bf16; "cpu", fp32 at N = 1024 (the CPU train step's 4 x 256). Without CUDA the
+triton provider is skipped (the interpreter would time numpy), and so is compiled (a GPU
+baseline; inductor's CPU compiles outlast the CPU budget); a further group sweeps the CPU op's
+chunk size.
 
-extra_info: ms (median); GB/s against a nominal byte count, the least any implementation must
-move (forward reads the logits once, backward writes their gradient once), so providers compare
-on one scale; TFLOP/s of the head's three matmuls (6NCV); and the peak memory above what was allocated
-before the step (bench.harness.peak_memory_bytes) for the head, and for the logits on CUDA.
+extra_info: ms (median); TFLOP/s of the head's three matmuls (6NCV); and the peak memory above
+what was allocated before the step (bench.harness.peak_memory_bytes).
 """
 
 from __future__ import annotations
@@ -40,17 +36,12 @@ from fastgpt import head_loss  # noqa: E402
 from fastgpt.ops import get_ops, resolve_kernels  # noqa: E402
 
 IGNORE = -1
-if LARGE:  # GPT-2 124M, batch 16 x 1024, vocabulary padded to a multiple of 64
-    N_ROWS, N_EMBD, VOCAB, DTYPE = 16 * 1024, 768, 50304, torch.bfloat16
-    ROUNDS, WARMUP_ROUNDS = 20, 3
-    HEAD_ROWS, HEAD_ROUNDS, HEAD_WARMUP = N_ROWS, ROUNDS, WARMUP_ROUNDS
-else:
-    N_ROWS, N_EMBD, VOCAB, DTYPE = 256, 768, 50304, torch.float32
-    ROUNDS, WARMUP_ROUNDS = 5, 1
-    # The head over the CPU train step's GPT-2 batch (4 x 256).
-    HEAD_ROWS, HEAD_ROUNDS, HEAD_WARMUP = 4 * 256, 3, 1
+N_EMBD, VOCAB = 768, 50304  # GPT-2 124M, vocabulary padded to a multiple of 64
+if LARGE:  # batch 16 x 1024
+    DTYPE, HEAD_ROWS, HEAD_ROUNDS, HEAD_WARMUP = torch.bfloat16, 16 * 1024, 20, 3
+else:  # the CPU train step's GPT-2 batch (4 x 256)
+    DTYPE, HEAD_ROWS, HEAD_ROUNDS, HEAD_WARMUP = torch.float32, 4 * 256, 3, 1
 PROVIDERS = ["triton", "eager", "compiled"]
-MODES = ["forward", "backward", "forward+backward"]
 # fastgpt.head_loss's chunk budget, swept on a CPU (at CUDA sizes the Triton op runs instead).
 CPU_CHUNK_BYTES = [64 * 2**20, 256 * 2**20, 1024 * 2**20]
 
@@ -60,68 +51,16 @@ def skip_compiled_on_cpu(provider: str) -> None:
         pytest.skip("compiled is a GPU baseline; inductor's CPU compiles outlast the CPU budget of bench/")
 
 
-def loss_fn(provider: str, fused_head: bool):
+def loss_fn(provider: str):
     if provider == "fastgpt":  # what the model calls on this device, kernels='auto'
         head_and_loss = get_ops(resolve_kernels("auto", DEVICE)).head_and_loss
         return lambda hidden, weight, targets, ignore: head_and_loss(hidden, weight, targets)[1]
     if provider == "triton":
         if not CUDA:
             pytest.skip("the triton provider needs CUDA: under the interpreter it would time numpy")
-        return ce.linear_cross_entropy if fused_head else ce.cross_entropy
-    reference = ce.linear_cross_entropy_reference if fused_head else ce.cross_entropy_reference
+        return ce.linear_cross_entropy
+    reference = ce.linear_cross_entropy_reference
     return torch.compile(reference) if provider == "compiled" else reference
-
-
-@pytest.mark.benchmark(group="cross_entropy")
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_cross_entropy(benchmark, provider, mode):
-    skip_compiled_on_cpu(provider)
-    fn = loss_fn(provider, fused_head=False)
-    torch.manual_seed(0)
-    logits = torch.randn(N_ROWS, VOCAB, device=DEVICE).to(DTYPE)
-    targets = torch.randint(0, VOCAB, (N_ROWS,), device=DEVICE)
-
-    def fresh():
-        return logits.clone().requires_grad_()
-
-    # Setups finish their GPU work before returning: pytest-benchmark starts the clock right
-    # after setup, so a pending 1.65 GB copy (or forward) would be timed as the round's.
-    def forward():
-        x = fresh()
-        sync()
-        return (x,), {}
-
-    def run_forward(x):
-        loss = fn(x, targets, IGNORE)
-        sync()
-        return loss
-
-    def with_loss():
-        loss = fn(fresh(), targets, IGNORE)
-        sync()
-        return (loss,), {}
-
-    def run_backward(loss):
-        loss.backward()
-        sync()
-
-    def run_both(x):
-        fn(x, targets, IGNORE).backward()
-        sync()
-
-    target, setup = {"forward": (run_forward, forward), "backward": (run_backward, with_loss),
-                     "forward+backward": (run_both, forward)}[mode]
-    benchmark.pedantic(target, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
-    seconds = benchmark.stats.stats.median
-    logits_bytes = logits.numel() * logits.element_size()
-    nominal = {"forward": 1, "backward": 1, "forward+backward": 2}[mode] * logits_bytes
-    info = dict(suite="cross_entropy", shape=[N_ROWS, VOCAB], dtype=str(DTYPE).removeprefix("torch."), ms=round(seconds * 1e3, 3),
-                gbps=round(nominal / seconds / 1e9, 1), logits_mb=round(logits_bytes / 1e6, 1))
-    if mode == "forward+backward":
-        if CUDA:  # at the CPU size the logits are small; the head below counts CPU memory
-            info["peak_mb"] = round(harness.peak_memory_bytes(lambda: run_both(*forward()[0])) / 1e6, 1)
-    benchmark.extra_info.update(info)
 
 
 def head_inputs():
@@ -158,7 +97,7 @@ def test_linear_cross_entropy(benchmark, provider):
     """The head and the loss, forward+backward: fastgpt's (the chunked Triton op on CUDA, the
     chunked torch op on a CPU) against matmul + F.cross_entropy."""
     skip_compiled_on_cpu(provider)
-    run_head(benchmark, loss_fn(provider, fused_head=True))
+    run_head(benchmark, loss_fn(provider))
 
 
 @pytest.mark.benchmark(group="linear_cross_entropy chunk")

@@ -15,37 +15,27 @@ beta1^t), sqrt(1 - beta2^t) and 1 - lr*wd are formed in fp64, as torch forms the
 floats, and beta^t is taken by repeated squaring (at most 24 rounds for the steps an fp32
 counter can count), so no fp64 transcendental has to exist on the target.
 
-Launch strategy: a pointer table. For every (group, device, dtype) the launcher writes one int64
-row per parameter, (param, grad, exp_avg, exp_avg_sq, step addresses, numel), and one int32 row
-per BLOCK-element chunk of every parameter, (parameter row, chunk index). Program i reads its
-chunk row and its parameter row and turns the addresses into typed pointers (int64 -> pointer
-casts compile on CUDA, and under TRITON_INTERPRET=1 they are bit casts onto host memory, so CPU
-tensors work there too). So one launch covers embeddings and LayerNorm gains alike with no
-program idle, and nothing is gathered into, or scattered out of, a flat buffer: that would add
-two extra passes over p and g (16 bytes per fp32 element on top of the 28 below). The pointer
-table is cached and re-uploaded only when an address changes (grads set to None and reallocated
-usually land where they were); on CUDA the upload goes from pinned memory without a sync. The
-chunk table depends only on the sizes and is cached on them. Only a parameter's last chunk is
-masked, and when every address is 16-byte aligned (torch's allocations are) the kernel is told
-so, so that full chunks may use vector loads although their pointers come from a table.
+Launch: a pointer table, as apex's multi_tensor_apply chunk lists. Per (group, device, dtype)
+one int64 row per parameter (param, grad, exp_avg, exp_avg_sq, step addresses, numel) and one
+int32 row per BLOCK-element chunk (parameter row, chunk index); program i turns its rows'
+addresses into typed pointers (under TRITON_INTERPRET=1 they are host addresses). So one launch
+covers embeddings and LayerNorm gains alike with no program idle, and nothing is gathered into a
+flat buffer (two more passes over p and g). The tables are cached and re-uploaded only when an
+address or a size changes; on CUDA from pinned memory, without a sync. Only a parameter's last
+chunk is masked, and when every address is 16-byte aligned the kernel is told so, so full
+chunks may use vector loads.
 
-Everything that may change between steps is read inside the kernel from device memory: the
-group's lr, betas, eps and weight decay from a persistent (5,) fp64 tensor that the optimizer
-refreshes with `fill_` (no host sync: a float is passed to the fill kernel by value), and each
-parameter's step from its own state['step'] tensor, which torch._foreach_add_ increments before
-the launch (as torch's fused AdamW does). Changing lr every step therefore changes no kernel
-argument: no recompilation, no re-specialisation. Per step that is one Triton launch per group
-and dtype, plus one foreach add and one fill of lr (more fills only when a beta, eps or weight
-decay changes).
+What may change between steps is read on the device: lr, betas, eps and weight decay from a
+persistent (5,) fp64 tensor refreshed with `fill_` (no host sync), and each parameter's step
+from its state['step'] tensor, which torch._foreach_add_ increments before the launch (as
+torch's fused AdamW does). A new lr each step changes no kernel argument, so nothing is
+re-specialised.
 
-State is interchangeable with torch.optim.AdamW's: state[p] = {'step': 0-d fp32 tensor,
-'exp_avg', 'exp_avg_sq'} and param_groups carry torch's keys, so state_dict() loads into torch's
-AdamW and back (moments stay fp32 for bf16/fp16 params where torch would keep them in the
-param's dtype; torch casts them on load). Our step tensors live on the parameter's device, as
-torch's fused and capturable AdamW keep them.
+State is torch.optim.AdamW's: state[p] = {'step': 0-d fp32 tensor on p's device, 'exp_avg',
+'exp_avg_sq'} and param_groups carry torch's keys, so state_dict() loads into torch's AdamW and
+back (our moments stay fp32 for bf16/fp16 params; torch casts them to the param's dtype on load).
 
-Bytes moved per element (e = bytes per param/grad element; the tables and scalars are per chunk
-or per launch and left out):
+Bytes moved per element (e = bytes per param/grad element; tables and scalars left out):
 
     read p, g (e each), m, v (4 each); write p (e), m, v (4 each)     3e + 16
     fp32 params: 28 bytes,  bf16/fp16 params: 22 bytes per element
@@ -55,14 +45,12 @@ or per launch and left out):
 
 e.g. GPT-2 124M in fp32: 3.5 GB per step.
 
-Limits: params dense and contiguous (a ValueError otherwise; grads may be any layout, a strided
-one is copied first), fp32, bf16 or fp16, dense gradients of the param's dtype; no amsgrad, no
-maximize. Steps count exactly to 2**24 (an fp32 counter, as torch's). Under TRITON_INTERPRET=1
-only CPU tensors (the table holds raw host addresses).
+Limits: params dense and contiguous (a ValueError otherwise; a strided grad is copied first),
+fp32, bf16 or fp16, dense gradients of the param's dtype; no amsgrad, no maximize. Steps count
+exactly to 2**24 (an fp32 counter, as torch's). Under TRITON_INTERPRET=1 only CPU tensors.
 
 References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (ICLR 2019);
-torch.optim.AdamW (single-tensor and fused paths); NVIDIA apex multi_tensor_apply, whose chunk
-lists over many tensors this table follows.
+torch.optim.AdamW (single-tensor and fused paths); NVIDIA apex multi_tensor_apply.
 """
 
 from __future__ import annotations
@@ -77,7 +65,8 @@ import triton.language as tl
 
 from kernels.common import interpreting, on_device, triton_usable
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 # Elements per program: 4096 fp32 elements move 112 KB, long enough to hide the per-program table
 # reads and the scalar fp64 bias corrections; 8 warps give each thread 16 elements.
 DEFAULT_BLOCK = 4096
@@ -204,7 +193,7 @@ def _adamw_kernel(
     remaining = numel - start
     # Only a parameter's last chunk needs a mask. The element loads are issued before the scalar
     # work below (the step load and the fp64 bias corrections), so that work overlaps their
-    # latency instead of preceding it (the sm_90 SASS shows the loads first).
+    # latency instead of preceding it.
     full = remaining >= BLOCK
     if full:
         p, g, m, v = _load_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, remaining, MASKED=False)
@@ -242,8 +231,6 @@ def _adamw_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Launcher
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 class _LaunchTables:
@@ -333,13 +320,19 @@ def adamw_step_(
         )
 
 
+def _check_param(p: torch.Tensor, where: str) -> None:
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{where}: param of dtype {p.dtype}; supported: {SUPPORTED_DTYPES}")
+    if not p.is_contiguous():
+        raise ValueError(f"{where}: param of shape {tuple(p.shape)} has strides {p.stride()}; "
+                         "the kernel needs contiguous params")
+
+
 def _check_launch(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, block) -> None:
     """ValueErrors naming what adamw_step_ cannot take."""
     if block <= 0 or block & (block - 1):
         raise ValueError(f"adamw_step_: block must be a power of two, got {block}")
     device, dtype = params[0].device, params[0].dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"adamw_step_: params of dtype {dtype}; supported: {SUPPORTED_DTYPES}")
     if not triton_usable(device):
         raise RuntimeError(f"adamw_step_: Triton cannot run on {device} (CUDA, or TRITON_INTERPRET=1 on a CPU)")
     if interpreting() and device.type != "cpu":
@@ -348,12 +341,10 @@ def _check_launch(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, block) -> 
         raise ValueError(f"adamw_step_: hyper must be a ({_HYPER_SLOTS},) fp64 tensor on {device}, got "
                          f"{tuple(hyper.shape)} {hyper.dtype} on {hyper.device}")
     for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        _check_param(p, "adamw_step_")
         if p.dtype != dtype or p.device != device:
             raise ValueError(f"adamw_step_: one launch takes one dtype and device: {p.dtype} on {p.device} "
                              f"next to {dtype} on {device}")
-        if not p.is_contiguous():
-            raise ValueError(f"adamw_step_: param of shape {tuple(p.shape)} has strides {p.stride()}; "
-                             "the kernel needs contiguous params")
         if g.shape != p.shape or g.dtype != dtype or g.device != device or g.layout != torch.strided:
             raise ValueError(f"adamw_step_: grad {tuple(g.shape)} {g.dtype} {g.layout} on {g.device} for a "
                              f"param {tuple(p.shape)} {dtype} on {device}; need a dense grad like the param")
@@ -400,8 +391,9 @@ def adamw_reference(
 # ---------------------------------------------------------------------------------------------
 # Optimizer
 
-# torch.optim.AdamW's param_group flags (torch 2.11-2.13), with the values our update implements.
-# Kept in our groups so a state_dict of ours loads into torch's AdamW as if torch had written it.
+# torch.optim.AdamW's param_group flags, with the values our update implements. Kept in our groups
+# so a state_dict of ours loads into torch's AdamW as if torch had written it; __setstate__ fills
+# in those a state_dict of another torch version lacks.
 _TORCH_FLAGS = {
     "amsgrad": False,
     "maximize": False,
@@ -559,11 +551,7 @@ def _fp32_state(p: torch.Tensor, saved: dict | None = None) -> dict:
     """AdamW state for `p`: fp32 moments shaped and placed like p and a 0-d fp32 step on p's
     device; zeros, or copies of a saved state (ours, or torch's, whose moments may be in p's
     dtype and whose step may be on the CPU or, in old checkpoints, a plain number)."""
-    if p.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"TritonAdamW: param of dtype {p.dtype}; supported: {SUPPORTED_DTYPES}")
-    if not p.is_contiguous():
-        raise ValueError(f"TritonAdamW: param of shape {tuple(p.shape)} has strides {p.stride()}; "
-                         "the kernel needs contiguous params")
+    _check_param(p, "TritonAdamW")
     if saved is None:
         return {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),

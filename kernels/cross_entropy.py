@@ -1,68 +1,43 @@
-"""Cross-entropy with its gradient in one pass (the fused classifier), and the LM head fused
-with it so that the (N, V) logits never exist.
+"""The LM head fused with cross-entropy: the loss and both gradients in one chunked pass over the
+rows, so that the (N, V) logits never exist.
 
-Math, for logits x (N, V), targets t (N,) and ignore_index (nanoGPT's -1):
+Math, for hidden h (N, C), weight w (V, C), logits x = h @ w.T, targets t (N,) and ignore_index
+(nanoGPT's -1):
     counted rows   R = {i : t_i != ignore_index},  n = |R|
     row loss       l_i = logsumexp(x_i) - x_{i, t_i}          (i in R; 0 otherwise)
     loss           L = sum_i l_i / n                           (L = 0 when n = 0; torch gives nan)
     gradient       dL/dx_ij = (softmax(x_i)_j - [j == t_i]) / n   (i in R; 0 otherwise)
+                   dL/dh = dL/dx @ w,  dL/dw = dL/dx.T @ h
 Defining L = 0 with a zero gradient when every target is ignored keeps a fully padded micro-batch
 from turning the whole step into nan.
 
-The kernels store the gradient of the SUMMED row losses, softmax - onehot, and the backward
-multiplies it by upstream / n, computed in fp32. Dividing by n first would underflow in fp16:
-softmax values of 1/V divided by n = 16384 are ~1e-9, below fp16's smallest subnormal (6e-8),
-and GradScaler's factor (65536 at first, itself inf in fp16) only arrives with the upstream.
+`linear_cross_entropy` forms, over chunks of rows, z = h_chunk @ w.T; the row kernel overwrites z
+with softmax - onehot; then grad_h_chunk = z @ w and grad_w += z.T @ h_chunk (accumulated in
+fp32), all in the forward. Backward scales the two gradients by upstream / n in fp32 and casts
+them to the inputs' dtypes. The forward keeps the gradients of the SUMMED row losses: dividing by
+n first would underflow in fp16 (softmax values of 1/V divided by n = 16384 are ~1e-9, below
+fp16's smallest subnormal, 6e-8), and GradScaler's factor (65536 at first, itself inf in fp16)
+only arrives with the upstream.
 
-Forward: one program per row sweeps the row twice in blocks of BLOCK_SIZE: the first sweep keeps
-an online max m and sum of exponentials d (m' = max(m, max x_blk), d = d e^(m - m') +
-sum e^(x_blk - m')), so lse = m + log d; the second sweep writes softmax - onehot. The gradient
-needs lse, which needs the whole row, hence two sweeps; no softmax tensor is stored. The counted
-total n is computed on the device over the whole batch (no host sync), so the mean is right even
-when the rows are split into chunks.
-Backward: L is a scalar, so dL_total/dx = (upstream / n) * (stored gradient): one scaling pass.
+Row kernel: one program per row sweeps the row twice in blocks of BLOCK_SIZE. The first sweep
+keeps an online max m and sum of exponentials d (m' = max(m, max x_blk), d = d e^(m - m') +
+sum e^(x_blk - m')), so lse = m + log d; the second writes softmax - onehot over the row. The
+gradient needs lse, which needs the whole row, hence two sweeps; no softmax tensor is stored. n is
+counted on the device over the whole batch before the first chunk (no host sync), so the mean is
+right across chunks.
 
-Bytes moved per logit (itemsize s: 2 for bf16): forward reads it twice and writes its gradient
-once, 3s; backward reads and writes the gradient, 2s. At GPT-2's (16384, 50304) in bf16, the
-logits are 1.65 GB, so forward moves 4.9 GB and backward 3.3 GB.
-
-Memory. `cross_entropy` writes the gradient over the logits: when a gradient is needed the logits
-are CONSUMED (their storage holds softmax - onehot after forward, dL/dlogits after backward),
-and forward + backward hold one logits-sized buffer in all: the logits' own storage, saved for
-backward and scaled there in place.
-Counted with the profiler on CPU (tests/kernels/test_cross_entropy.py), forward + backward of a
-fresh copy of the logits peaks at 1.0x the logits here, against 4x for F.cross_entropy in fp32
-(logits, saved log-softmax, two buffers in backward) and 7x for bf16 logits upcast first as nanoGPT
-does (at GPT-2's shape: 1.65 GB against 11.5 GB).
-Safety: the overwrite goes through a detached alias, which shares the logits' version counter, so
-an autograd node that saved the logits (say they came out of exp()) fails loudly in backward
-instead of using gradients as logits; so does a second backward through a retained graph. With
-no gradient needed (eval, torch.no_grad) the logits are only read. Non-contiguous logits are
-copied first and the copy is consumed.
-`torch.library` refuses autograd formulas for ops that mutate their inputs, so the in-place path
-is two ops: `cross_entropy_fused_` (mutating, no autograd) writes the loss and the gradient, and
-`cross_entropy_stored_grad` (functional, differentiable) returns the loss and hands the stored
-gradient back in backward. Under torch.compile the backward is written out of place (AOTAutograd
-rejects a backward that mutates a forward input that requires grad); inductor's output code on
-CPU shows the fused op running on the matmul's output buffer and the backward scaling that saved
-buffer in place, so compiled is 1x as well.
-
-`linear_cross_entropy(hidden (N, C), weight (V, C), targets)` is the LM head and the loss
-together. Over chunks of rows it forms z = hidden_chunk @ weight.T, runs the pass above on z in
-place, then grad_hidden_chunk = z @ weight and grad_weight += z.T @ hidden_chunk (accumulated in
-fp32), all in the forward; backward scales the two gradients by upstream / n in fp32 and casts
-them to the inputs' dtypes. A chunk holds at most CHUNK_LOGITS_BYTES of logits. At GPT-2 124M,
-batch 16 x 1024 (N = 16384, C = 768, V = 50304) in bf16, the full logits are 1.65 GB and the
-unfused path (bf16 matmul, fp32 upcast, F.cross_entropy) peaks at 6x that, 9.9 GB (the ratio
-measured on CPU at a smaller N); the chunked op holds 134 MB of chunk logits, the 155 MB fp32
-grad_weight accumulator (kept for backward), a 77 MB bf16 z.T @ h per chunk and the 25 MB
-grad_hidden: about 0.4 GB. The matmul FLOPs are those of the unfused head: 2NCV forward, 4NCV
-for the two gradients.
+Bytes moved per logit (itemsize s: 2 for bf16): the row kernel reads it twice and writes its
+gradient once, 3s; the matmuls write it once and read it twice. Memory: a chunk holds at most
+CHUNK_LOGITS_BYTES of logits. At GPT-2 124M, batch 16 x 1024 (N = 16384, C = 768, V = 50304) in
+bf16, the full logits would be 1.65 GB; the op holds 134 MB of chunk logits, the 155 MB fp32
+grad_w accumulator (kept for backward), a 77 MB bf16 z.T @ h per chunk and the 25 MB grad_h:
+about 0.4 GB. The matmul FLOPs are those of the unfused head: 2NCV forward, 4NCV for the two
+gradients.
 
 Limits: V < 2^31 (column offsets are int32; row offsets are int64, since 16384 x 50304 overflows
 int32). Targets must be ignore_index or in [0, V); others are not checked (that would need a host
 sync): such a row gets loss lse and no -1 in its gradient, with no out-of-bounds access.
-fp32, bf16 and fp16 logits; the loss is fp32, the gradients have their input's dtype.
+fp32, bf16 and fp16 inputs; the loss is fp32, the gradients have their input's dtype.
 
 References: llm.c's fused classifier (loss and gradient in one kernel, written over the logits);
 Liger-Kernel's cross_entropy and fused_linear_cross_entropy (online softmax, chunked head);
@@ -281,8 +256,8 @@ def linear_cross_entropy_chunked(
 
 
 def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
-    """Plain torch in fp32: F.cross_entropy's mean over the counted targets, except that no
-    counted target gives 0 (torch: nan). Shares no code with the kernel path."""
+    """The row kernel's loss in plain torch, fp32: F.cross_entropy's mean over the counted
+    targets, except that no counted target gives 0 (torch: nan). Shares no code with the kernel."""
     x = logits.float().reshape(-1, logits.shape[-1])
     t = targets.reshape(-1)
     total = F.cross_entropy(x, t, ignore_index=ignore_index, reduction="sum")
@@ -294,68 +269,14 @@ def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tens
     return cross_entropy_reference(F.linear(hidden, weight), targets, ignore_index)
 
 
-# --- ops ---------------------------------------------------------------------------------------
-
-
-def _mean_factor(upstream: Tensor, n_counted: Tensor) -> Tensor:
-    """() fp32 upstream / n: what turns a gradient of the summed row losses into that of the loss."""
-    return upstream.float() / n_counted.clamp(min=1)
+# --- op ----------------------------------------------------------------------------------------
 
 
 def _scale_grad(grad: Tensor, factor: Tensor) -> Tensor:
-    """grad * factor, in grad's dtype. Eager scales in place: the buffer is this op's own (or
-    consumed logits), so backward allocates nothing. Under compile AOTAutograd would reject the
-    in-place write to a saved forward input, and inductor plans the buffers itself. On CUDA the
-    eager multiply likely rounds the fp32 factor to grad's dtype first (a uniform scale error of
-    at most 2^-9 in bf16, which Adam's normalisation all but cancels); the CPU keeps it fp32."""
+    """grad * factor, in grad's dtype. Eager scales in place: the buffer is this op's own, so
+    backward allocates nothing. Under compile AOTAutograd wants a functional backward, and
+    inductor plans the buffers itself."""
     return grad * factor if torch.compiler.is_compiling() else grad.mul_(factor)
-
-
-@torch.library.custom_op("fastgpt::cross_entropy", mutates_args=())
-def _cross_entropy_loss_op(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-    """The mean loss alone; the logits are only read. For when no gradient is needed."""
-    n_counted = count_targets(targets, ignore_index)
-    return mean_loss(cross_entropy_rows(logits, targets, ignore_index), n_counted)
-
-
-@_cross_entropy_loss_op.register_fake
-def _(logits, targets, ignore_index):
-    return logits.new_empty((), dtype=LOSS_DTYPE)
-
-
-@torch.library.custom_op("fastgpt::cross_entropy_fused_", mutates_args=("logits",))
-def _cross_entropy_fused_op(logits: Tensor, targets: Tensor, n_counted: Tensor, ignore_index: int) -> Tensor:
-    """The mean loss; the logits (contiguous) are overwritten with d(sum of row losses)/dlogits."""
-    return mean_loss(cross_entropy_rows(logits, targets, ignore_index, write_grad=True), n_counted)
-
-
-@_cross_entropy_fused_op.register_fake
-def _(logits, targets, n_counted, ignore_index):
-    return logits.new_empty((), dtype=LOSS_DTYPE)
-
-
-@torch.library.custom_op("fastgpt::cross_entropy_stored_grad", mutates_args=())
-def _stored_grad_op(logits: Tensor, grad_sum: Tensor, n_counted: Tensor, loss: Tensor) -> Tensor:
-    """loss, whose gradient with respect to logits is grad_sum / n_counted (grad_sum: the fused
-    pass's output, the gradient of the summed row losses)."""
-    return loss.clone()
-
-
-@_stored_grad_op.register_fake
-def _(logits, grad_sum, n_counted, loss):
-    return torch.empty_like(loss)
-
-
-def _stored_grad_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1], inputs[2])
-
-
-def _stored_grad_backward(ctx, grad_loss):
-    grad_sum, n_counted = ctx.saved_tensors
-    return _scale_grad(grad_sum, _mean_factor(grad_loss, n_counted)), None, None, None
-
-
-_stored_grad_op.register_autograd(_stored_grad_backward, setup_context=_stored_grad_setup)
 
 
 @torch.library.custom_op("fastgpt::linear_cross_entropy", mutates_args=())
@@ -387,14 +308,14 @@ def _linear_backward(ctx, grad_loss, *_):
     if grad_hidden.numel() == 0 and grad_weight.numel() == 0:
         raise RuntimeError("linear_cross_entropy ran without gradients (with_grad=False); cannot backpropagate")
     # Scaled in fp32, then cast: grad_hidden is small (N, C), and grad_weight is fp32 already.
-    factor = _mean_factor(grad_loss, n_counted)
+    factor = grad_loss.float() / n_counted.clamp(min=1)  # upstream / n
     grad_hidden = _scale_grad(grad_hidden.float(), factor).to(grad_hidden.dtype)
     grad_weight = _scale_grad(grad_weight, factor).to(ctx.weight_dtype)
     return grad_hidden, grad_weight, None, None, None, None
 
 
 _linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup)
-tag_compile_caches()  # compiled graphs holding these ops are cached per version of their code
+tag_compile_caches()  # compiled graphs holding this op are cached per version of its code
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -402,21 +323,6 @@ tag_compile_caches()  # compiled graphs holding these ops are cached per version
 
 def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
-    """Mean cross-entropy () fp32 of logits (..., V) against targets (...) over the targets that
-    are not ignore_index (0 if there are none).
-
-    When a gradient is needed, the logits are CONSUMED: their storage holds the gradient
-    afterwards, which backward scales in place into dL/dlogits (see the module docstring). Without one (eval, no_grad) they are only read."""
-    if not _needs_grad(logits):
-        return torch.ops.fastgpt.cross_entropy(logits, targets, ignore_index)
-    logits = logits.contiguous()  # a strided input is copied, and the copy consumed
-    grad_sum = logits.detach()  # same storage and version counter: the overwrite is seen
-    n_counted = count_targets(targets, ignore_index)
-    loss = torch.ops.fastgpt.cross_entropy_fused_(grad_sum, targets, n_counted, ignore_index)
-    return torch.ops.fastgpt.cross_entropy_stored_grad(logits, grad_sum, n_counted, loss)
 
 
 def linear_cross_entropy(

@@ -225,8 +225,8 @@ def backward_grid(m: int, warps: int, sms: int | None) -> tuple[int, int]:
     flight per SM. The price is more partial rows for torch to sum, G x N fp32 for dw and for db:
     at (16384, 768) in bf16 on 132 SMs, G = 1024 and the partials are 6.3 MB written and read
     back, beside the 75 MB the rows move; at most ceil(M / MIN_ROWS_PER_PROGRAM) programs bound them
-    for small M (rows are then spread evenly, so a program may take fewer than 8). Not yet
-    timed on a GPU: bench/test_bench_layernorm.py times this grid against one program per SM.
+    for small M (rows are then spread evenly, so a program may take fewer than 8).
+    bench/test_bench_layernorm.py times this grid against one program per SM.
     Elsewhere (the interpreter): INTERPRET_PROGRAMS programs, enough to test the reduction."""
     if sms is None:
         programs = min(INTERPRET_PROGRAMS, max(m, 1))
@@ -351,10 +351,11 @@ def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: to
 
 
 # ---------------------------------------------------------------------------------------------
-# Ops: torch.library custom ops, so torch.compile(fullgraph=True) traces through them and
-# autograd calls the Triton backward. The backward is an op of its own: AOTAutograd traces it
-# with fake tensors, which a Triton launch cannot take. `Tensor?` (Optional) arguments carry the
-# optional bias and ds; an op cannot return an optional tensor, so dbias is empty without bias.
+# Ops: torch.library custom ops, the one path for eager and compiled calls: torch.compile
+# (fullgraph=True) traces through them and autograd calls the Triton backward. The backward is an
+# op of its own: AOTAutograd traces it with fake tensors, which a Triton launch cannot take.
+# `Tensor?` (Optional) arguments carry the optional bias and ds; an op cannot return an optional
+# tensor, so dbias is empty without bias.
 
 
 @torch.library.custom_op("fastgpt::layer_norm", mutates_args=())
@@ -434,59 +435,17 @@ tag_compile_caches()  # compiled graphs holding these ops are cached per version
 # Public API
 
 
-# Eager mode: the same launchers through torch.autograd.Function. The registered ops above are
-# what torch.compile traces, but called eagerly, torch.library's Python dispatch (defaults,
-# redispatch, a dynamo-disable wrapper per op) adds host time, and a (16384, 768) LayerNorm takes
-# only tens of microseconds on an H100, so the host sets the pace. Host time of forward+backward
-# with the two kernel launches stubbed out, on the project's 2-core CPU machine: 167 us through
-# the registered ops, 98 us through these Functions (F.layer_norm's: 38 us).
-
-
-class _LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        _, y, mean, rstd = layer_norm_forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward(dy, None, x, weight, mean, rstd, ctx.has_bias)
-        return dx, dw, db if ctx.has_bias else None, None
-
-
-class _AddLayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        s, y, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual=residual)
-        ctx.save_for_backward(s, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        return s, y
-
-    @staticmethod
-    def backward(ctx, ds, dy):
-        s, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward(dy, ds, s, weight, mean, rstd, ctx.has_bias)
-        return dx, dx, dw, db if ctx.has_bias else None, None
-
-
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm of x over its last dim (torch.nn.functional.layer_norm with normalized_shape
     = weight.shape), in x's dtype; differentiable in x, weight and bias."""
-    if torch.compiler.is_compiling():
-        y, _, _ = _layer_norm_op(x, weight, bias, eps)
-        return y
-    return _LayerNormFunction.apply(x, weight, bias, eps)
+    y, _, _ = _layer_norm_op(x, weight, bias, eps)
+    return y
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y) with s = x + residual and y = layer_norm(s, weight, bias, eps), in one pass over
     memory; both outputs are differentiable."""
-    if torch.compiler.is_compiling():
-        s, y, _, _ = _add_layer_norm_op(x, residual, weight, bias, eps)
-        return s, y
-    return _AddLayerNormFunction.apply(x, residual, weight, bias, eps)
+    s, y, _, _ = _add_layer_norm_op(x, residual, weight, bias, eps)
+    return s, y

@@ -237,29 +237,6 @@ def test_compile_fullgraph_matches_eager():
     assert_all_close("add_layer_norm", torch.float32, results[1], results[0], names)
 
 
-def test_registered_ops_called_eagerly_match_the_eager_path():
-    """Eager calls go through autograd.Function, compiled ones through the registered ops: the
-    ops' own autograd formulas, called eagerly, must give the same values and gradients."""
-    torch.manual_seed(0)
-    x, r = randn((5, 96), 0, X_SCALE, X_SHIFT), randn((5, 96), 1)
-    w, b = randn(96, 2, 0.1, 1.0), randn(96, 3, 0.1)
-    dy, ds = randn((5, 96), 4), randn((5, 96), 5)
-    results = []
-    for registered in (False, True):
-        inputs = [t.clone().requires_grad_() for t in (x, r, w, b)]
-        xi, ri, wi, bi = inputs
-        if registered:
-            y1 = torch.ops.fastgpt.layer_norm(xi, wi, bi, 1e-5)[0]
-            s2, y2 = torch.ops.fastgpt.add_layer_norm(xi, ri, wi, bi, 1e-5)[:2]
-        else:
-            y1 = layer_norm(xi, wi, bi)
-            s2, y2 = add_layer_norm(xi, ri, wi, bi)
-        torch.autograd.backward([y1, s2, y2], [dy, ds, dy])
-        results.append([y1, s2, y2] + [t.grad for t in inputs])
-    names = ["y", "s", "y (add)", "dx", "dresidual", "dweight", "dbias"]
-    assert_all_close("add_layer_norm", torch.float32, results[1], results[0], names)
-
-
 @pytest.mark.parametrize("m, warps, sms", [(16384, 4, 132), (100, 4, 132), (1, 4, 132), (9, 4, 132), (16384, 16, 132),
                                            (5000, 8, 114), (7, 4, None), (2048, 4, None)])
 def test_backward_grid_gives_every_program_rows_and_every_row_a_program(m, warps, sms):
