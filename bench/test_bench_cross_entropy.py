@@ -33,7 +33,7 @@ from kernels import cross_entropy as ce  # noqa: E402
 from bench import harness  # noqa: E402
 from bench.harness import CUDA, DEVICE, LARGE, sync  # noqa: E402
 from fastgpt import head_loss  # noqa: E402
-from fastgpt.ops import get_ops, resolve_kernels  # noqa: E402
+from fastgpt.ops import choose_kernels  # noqa: E402
 
 IGNORE = -1
 N_EMBD, VOCAB = 768, 50304  # GPT-2 124M, vocabulary padded to a multiple of 64
@@ -53,7 +53,7 @@ def skip_compiled_on_cpu(provider: str) -> None:
 
 def loss_fn(provider: str):
     if provider == "fastgpt":  # what the model calls on this device, kernels='auto'
-        head_and_loss = get_ops(resolve_kernels("auto", DEVICE)).head_and_loss
+        head_and_loss = choose_kernels("auto", DEVICE).ops.head_and_loss
         return lambda hidden, weight, targets, ignore: head_and_loss(hidden, weight, targets)[1]
     if provider == "triton":
         if not CUDA:

@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 
 from fastgpt.dataformat import DEFAULT_DATA_ROOT
+from fastgpt.ops import KERNEL_CHOICES
 from fastgpt.pretrained import GPT2_MODELS
 from fastgpt.runtime import DTYPES
 
@@ -137,7 +138,7 @@ class TrainConfig:
         default="auto",
         metadata=_doc(
             "hot-path implementation: 'auto' = Triton kernels on CUDA when triton imports, torch elsewhere",
-            ("auto", "triton", "torch"),
+            KERNEL_CHOICES,
         ),
     )
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.head_loss import chunked_head_loss, count_targets
-from kernels.common import interpreting, triton_installed
+from kernels.common import triton_installed, triton_usable
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
@@ -34,24 +34,35 @@ class KernelChoiceError(ValueError):
 
 @dataclass(frozen=True)
 class Ops:
+    """The model's hot ops."""
+
     name: str
     layer_norm: Callable  # (x, weight, bias) -> y
     add_layer_norm: Callable  # (x, residual, weight, bias) -> (x + residual, layer_norm(x + residual))
     head_and_loss: Callable  # (hidden (N, C), weight (V, C), targets (N,)) -> (logits (N, V) or None, mean loss)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One implementation choice: the model's ops and the optimizer class that goes with them."""
+
+    ops: Ops
     optimizer: type  # an AdamW with torch.optim.AdamW's constructor and state_dict
 
 
-def resolve_kernels(choice: str, device: torch.device) -> str:
-    """'triton' or 'torch' for this device."""
+def choose_kernels(choice: str, device: torch.device | str) -> Kernels:
+    """The implementation `choice` (one of KERNEL_CHOICES) names on `device`."""
+    device = torch.device(device)
     if choice not in KERNEL_CHOICES:
         raise KernelChoiceError(f"kernels={choice!r} is not allowed; choose one of {', '.join(KERNEL_CHOICES)}")
-    runnable = triton_installed() and (device.type == "cuda" or interpreting())
-    if choice == "auto":
-        return "triton" if runnable and device.type == "cuda" else "torch"
+    runnable = triton_usable(device)
     if choice == "triton" and not runnable:
         why = "triton is not installed (pip install -e '.[triton]')" if not triton_installed() else f"device {device} is not CUDA"
         raise KernelChoiceError(f"kernels='triton' cannot run here: {why}; use kernels='auto' or 'torch'")
-    return choice
+    # 'auto' never picks the interpreter: it is a correctness tool, far slower than torch.
+    if choice == "triton" or (choice == "auto" and runnable and device.type == "cuda"):
+        return triton_kernels()
+    return Kernels(TORCH_OPS, torch.optim.AdamW)
 
 
 def _torch_layer_norm(x, weight, bias):
@@ -75,7 +86,7 @@ def _torch_head_and_loss(hidden, weight, targets):
     return logits, total / count_targets(targets, IGNORE_INDEX)
 
 
-TORCH_OPS = Ops("torch", _torch_layer_norm, _torch_add_layer_norm, _torch_head_and_loss, torch.optim.AdamW)
+TORCH_OPS = Ops("torch", _torch_layer_norm, _torch_add_layer_norm, _torch_head_and_loss)
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
@@ -87,7 +98,7 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def triton_ops() -> Ops:
+def triton_kernels() -> Kernels:
     from kernels import adamw, cross_entropy, layernorm  # only here: importing triton needs a driver or the interpreter
     from kernels.common import MAX_FUSED_BLOCK
 
@@ -109,9 +120,4 @@ def triton_ops() -> Ops:
         dtype = _autocast_dtype(hidden)
         return None, cross_entropy.linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, IGNORE_INDEX)
 
-    return Ops("triton", layer_norm, add_layer_norm, head_and_loss, adamw.TritonAdamW)
-
-
-def get_ops(name: str) -> Ops:
-    """The implementation named by resolve_kernels()."""
-    return triton_ops() if name == "triton" else TORCH_OPS
+    return Kernels(Ops("triton", layer_norm, add_layer_norm, head_and_loss), adamw.TritonAdamW)

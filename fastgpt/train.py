@@ -34,7 +34,7 @@ from fastgpt.data import DataError, Prefetcher, open_tokens, run_streams
 from fastgpt.metrics import (MetricsLog, ThroughputMeter, describe_peak, elapsed_before, format_log_line, host_summary,
                              metrics_path, peak_flops)
 from fastgpt.model import GPT
-from fastgpt.ops import KernelChoiceError, get_ops, resolve_kernels
+from fastgpt.ops import KernelChoiceError, choose_kernels
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
 from fastgpt.pretrained import PretrainedError
@@ -125,7 +125,8 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
         )
     micro_steps = cfg.gradient_accumulation_steps // dist_info.world_size  # per rank
     dtype = resolve_dtype(cfg.dtype, device)
-    ops = get_ops(resolve_kernels(cfg.kernels, device))
+    kernels = choose_kernels(cfg.kernels, device)
+    ops = kernels.ops
     configure_backends(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
@@ -170,7 +171,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
         check_free_space(cfg.out_dir, model.num_params(non_embedding=False))
 
     # ---------------------------------------------------------------- optimizer
-    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, ops.optimizer)
+    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, kernels.optimizer)
     scaler = grad_scaler(device, dtype)
     iter_num, best_val_loss = 0, math.inf
     if resumed_from:

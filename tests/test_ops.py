@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.ops import KernelChoiceError, TORCH_OPS, get_ops, resolve_kernels
+from fastgpt.ops import KernelChoiceError, TORCH_OPS, choose_kernels
 from fastgpt.train import train
 
 from conftest import tiny_config
@@ -16,23 +16,29 @@ CPU = torch.device("cpu")
 
 def test_auto_is_torch_without_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert resolve_kernels("auto", CPU) == "torch"
+    auto = choose_kernels("auto", CPU)
+    assert auto.ops is TORCH_OPS and auto.optimizer is torch.optim.AdamW
     with pytest.raises(KernelChoiceError, match=r"kernels='triton' cannot run here: device cpu is not CUDA"):
-        resolve_kernels("triton", CPU)
-    assert resolve_kernels("torch", CPU) == "torch"
+        choose_kernels("triton", CPU)
+    assert choose_kernels("torch", CPU).ops is TORCH_OPS
+    with pytest.raises(KernelChoiceError, match=r"kernels='cuda' is not allowed"):
+        choose_kernels("cuda", CPU)
 
 
 def test_triton_allowed_on_cpu_under_the_interpreter(monkeypatch):
+    from kernels.adamw import TritonAdamW
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_kernels("triton", CPU) == "triton"
-    assert resolve_kernels("auto", CPU) == "torch"  # auto never picks the (slow) interpreter
+    triton = choose_kernels("triton", CPU)
+    assert triton.ops.name == "triton" and triton.optimizer is TritonAdamW
+    assert choose_kernels("auto", CPU).ops is TORCH_OPS  # auto never picks the (slow) interpreter
 
 
 def pair(bias=True):
     cfg = GPTConfig(block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=48, bias=bias)
     torch.manual_seed(0)
     a = GPT(cfg, TORCH_OPS)
-    b = GPT(cfg, get_ops("triton"))
+    b = GPT(cfg, choose_kernels("triton", CPU).ops)
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -68,7 +74,7 @@ def test_rows_wider_than_one_program_go_to_torch(monkeypatch):
     from kernels import layernorm
     from kernels.common import MAX_FUSED_BLOCK
 
-    ops = get_ops("triton")
+    ops = choose_kernels("triton", CPU).ops
     calls = []
     monkeypatch.setattr(layernorm, "layer_norm", lambda *a: calls.append("ln") or TORCH_OPS.layer_norm(*a[:3]))
     monkeypatch.setattr(layernorm, "add_layer_norm", lambda *a: calls.append("add") or TORCH_OPS.add_layer_norm(*a[:4]))
