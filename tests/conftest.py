@@ -56,6 +56,11 @@ def tiny_config(tmp_path, data_root, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """cfg as the `--key=value` command line that python -m fastgpt.train parses back into it."""
+    return [f"--{k}={v!r}" for k, v in cfg.to_dict().items()]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import torch
 from fastgpt import prepare, sample, train
 from fastgpt.config import ConfigError
 
-from conftest import tiny_config, write_char_dataset
+from conftest import cli_args, tiny_config, write_char_dataset
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 COMMANDS = {"train": train.main, "sample": sample.main, "prepare": prepare.main}
@@ -62,7 +62,7 @@ def base_args(command: str, root: pathlib.Path) -> list[str]:
     if command == "train":
         cfg = tiny_config(root, root / "data", max_iters=2, eval_interval=2, eval_iters=1, log_interval=1,
                           warmup_iters=1, lr_decay_iters=2)
-        return [f"--{k}={v!r}" for k, v in cfg.to_dict().items()]
+        return cli_args(cfg)
     if command == "sample":
         return [f"--out_dir={out_dir(root)}", f"--data_dir={data_dir(root)}", "--device=cpu", "--dtype=float32",
                 "--start=abc", "--num_samples=1", "--max_new_tokens=2"]

@@ -7,7 +7,7 @@ import torch
 from fastgpt.data import BatchStream, DataError, Prefetcher, open_tokens
 from fastgpt.train import main
 
-from conftest import tiny_config
+from conftest import cli_args, tiny_config
 
 
 def write(path, ids):
@@ -127,8 +127,7 @@ def test_train_refuses_bad_data_before_training(tmp_path, tiny_data, capsys, dam
     else:
         write(val, [5] * 100 + [40] + [5] * 100)  # the tiny vocabulary has 32 ids
     cfg = tiny_config(tmp_path, data_root)
-    args = [f"--{k}={v!r}" for k, v in cfg.to_dict().items()]
-    assert main([*args]) == 2
+    assert main(cli_args(cfg)) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert "val.bin" in captured.err

@@ -15,7 +15,7 @@ from fastgpt import checkpoint as ckpt_io
 from fastgpt import distributed
 from fastgpt.train import train
 
-from conftest import tiny_config
+from conftest import cli_args, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # Two processes on a 2-core machine: one thread each, or they spin against each other.
@@ -24,17 +24,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 TIMEOUT_S = 240
 
 
-def overrides(cfg) -> list[str]:
-    return [f"--{k}={v!r}" for k, v in cfg.to_dict().items()]
-
-
 def torchrun(*args, nproc=2, cwd, env=ENV):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def run_ddp(cfg, tmp_path, nproc=2):
-    proc = torchrun("-m", "fastgpt.train", *overrides(cfg), nproc=nproc, cwd=tmp_path)
+    proc = torchrun("-m", "fastgpt.train", *cli_args(cfg), nproc=nproc, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -81,7 +77,7 @@ def test_ddp_checkpoint_resumes_on_one_or_two_processes(tmp_path, tiny_data):
 
 def count_allreduces(cfg, tmp_path, name):
     out = tmp_path / f"{name}.count"
-    proc = torchrun(str(REPO / "tests" / "ddp_harness.py"), "count_allreduce", str(out), "--", *overrides(cfg), cwd=tmp_path)
+    proc = torchrun(str(REPO / "tests" / "ddp_harness.py"), "count_allreduce", str(out), "--", *cli_args(cfg), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(out.read_text())
 
@@ -97,7 +93,7 @@ def test_gradients_all_reduced_once_per_optimizer_step(tmp_path, tiny_data):
 
 def test_accumulation_must_divide_among_ranks(tmp_path, tiny_data):
     data_root, _ = tiny_data
-    proc = torchrun("-m", "fastgpt.train", *overrides(tiny_config(tmp_path, data_root, gradient_accumulation_steps=3)), cwd=tmp_path)
+    proc = torchrun("-m", "fastgpt.train", *cli_args(tiny_config(tmp_path, data_root, gradient_accumulation_steps=3)), cwd=tmp_path)
     assert proc.returncode != 0
     assert "gradient_accumulation_steps=3 is the global count and must be divisible by the 2 ranks" in proc.stderr
 
@@ -106,7 +102,7 @@ def test_a_failing_rank_stops_the_job_quickly(tmp_path, tiny_data):
     data_root, _ = tiny_data
     cfg = tiny_config(tmp_path, data_root, max_iters=1000, eval_interval=1000, gradient_accumulation_steps=2)
     start = time.perf_counter()
-    proc = torchrun(str(REPO / "tests" / "ddp_harness.py"), "fail_rank1", "unused", "--", *overrides(cfg), cwd=tmp_path)
+    proc = torchrun(str(REPO / "tests" / "ddp_harness.py"), "fail_rank1", "unused", "--", *cli_args(cfg), cwd=tmp_path)
     elapsed = time.perf_counter() - start
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
@@ -117,7 +113,7 @@ def test_a_killed_rank_fails_the_job_in_seconds_and_a_restart_resumes(tmp_path, 
     data_root, _ = tiny_data
     harness = str(REPO / "tests" / "fault_harness.py")
     cfg = tiny_config(tmp_path / "once", data_root, max_iters=1000, eval_interval=4, gradient_accumulation_steps=2)
-    proc = torchrun("--max-restarts=0", harness, "step", "6", "--", *overrides(cfg), cwd=tmp_path)
+    proc = torchrun("--max-restarts=0", harness, "step", "6", "--", *cli_args(cfg), cwd=tmp_path)
     killed_at = (tmp_path / "once" / "out" / ".fault-injected").stat().st_mtime
     assert proc.returncode != 0
     assert time.time() - killed_at < 30, f"the job took {time.time() - killed_at:.0f} s to notice a lost rank"
@@ -125,7 +121,7 @@ def test_a_killed_rank_fails_the_job_in_seconds_and_a_restart_resumes(tmp_path, 
     # The same fault with one restart allowed: the new attempt resumes from iteration 4 and finishes.
     cfg = tiny_config(tmp_path / "again", data_root, max_iters=12, eval_interval=4, gradient_accumulation_steps=2,
                       init_from="auto")
-    proc = torchrun("--max-restarts=1", harness, "step", "6", "--", *overrides(cfg), cwd=tmp_path,
+    proc = torchrun("--max-restarts=1", harness, "step", "6", "--", *cli_args(cfg), cwd=tmp_path,
                     env={**ENV, distributed.FRESH_STORE_ENV: "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning: torchrun --max-restarts" not in proc.stdout
@@ -139,7 +135,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
     cfg = tiny_config(tmp_path, data_root, max_iters=100_000, eval_interval=100_000, log_interval=1,
                       gradient_accumulation_steps=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastgpt.train",
-           *overrides(cfg)]
+           *cli_args(cfg)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:

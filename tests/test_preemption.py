@@ -15,7 +15,7 @@ import torch
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.metrics import read_metrics
 
-from conftest import tiny_config
+from conftest import cli_args, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # One thread: the runs compared here must do their sums in the same order to match exactly.
@@ -27,12 +27,8 @@ RUN = dict(max_iters=12, lr_decay_iters=12, eval_interval=4, log_interval=1, alw
 LONG = 300
 
 
-def args(cfg) -> list[str]:
-    return [f"--{k}={v!r}" for k, v in cfg.to_dict().items()]
-
-
 def harness(point: str, n: int, cfg) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "tests" / "fault_harness.py"), point, str(n), "--", *args(cfg)]
+    cmd = [sys.executable, str(REPO / "tests" / "fault_harness.py"), point, str(n), "--", *cli_args(cfg)]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -89,7 +85,7 @@ def test_sigkill_anywhere_resumes_from_the_newest_complete_checkpoint(tmp_path, 
 
 def start_and_wait_for(cfg, line_start: str) -> tuple[subprocess.Popen, str]:
     """The training process, once it has printed a line starting `line_start`, and its output so far."""
-    proc = subprocess.Popen([sys.executable, "-m", "fastgpt.train", *args(cfg)], env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "fastgpt.train", *cli_args(cfg)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline, seen = time.monotonic() + TIMEOUT_S, []
     for line in proc.stdout:
@@ -163,7 +159,7 @@ def test_a_nonfinite_loss_stops_without_saving_over_a_good_checkpoint(tmp_path, 
 
     data_root, _ = tiny_data
     cfg = tiny_config(tmp_path, data_root, **{**RUN, "log_interval": 5, "dropout": 0.0})
-    code = main(args(cfg))
+    code = main(cli_args(cfg))
     err = capsys.readouterr().err.strip()
     assert code == 3 and len(err.splitlines()) == 1, err
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ from fastgpt.pretrained import PretrainedError, load_gpt2
 from fastgpt.train import main as train_main
 from fastgpt.train import train
 
-from conftest import tiny_config
+from conftest import cli_args, tiny_config
 
 GPT2_VOCAB = 50257
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=GPT2_VOCAB)
@@ -141,7 +141,7 @@ def test_bad_weights_are_one_line_and_change_nothing(tmp_path, tiny_data, capsys
     folder = bad_folder(tmp_path, kind)
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
     data_root, _ = tiny_data
-    code = train_main([f"--{k}={v!r}" for k, v in tiny_config(tmp_path, data_root).to_dict().items()]
+    code = train_main(cli_args(tiny_config(tmp_path, data_root))
                       + ["--init_from=gpt2", f"--hf_dir={str(folder)!r}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
