@@ -85,15 +85,18 @@ def measure_matmul_flops(dtype: torch.dtype, size: int = CPU_PEAK_MATMUL_SIZE, s
     return 2 * size**3 / best
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows of it."""
-    cpu = platform.processor() or platform.machine()
+def cpuinfo(field: str) -> str | None:
+    """The first `field` line of Linux's /proc/cpuinfo, or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
     except OSError:
-        pass
-    return cpu
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows of it."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_key(dtype: torch.dtype) -> str:

@@ -8,6 +8,8 @@ import platform
 
 import torch
 
+from fastgpt.metrics import cpuinfo
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The device types the trainer and the sampler are written for; torch knows others ('meta' has no data at all).
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -53,12 +55,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux's /proc/cpuinfo); empty where the OS does not list them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
+    """The CPU's feature flags (/proc/cpuinfo); empty where the OS does not list them."""
+    return set((cpuinfo("flags") or "").split())
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
