@@ -21,12 +21,12 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 
 import torch
 
 from fastgpt.metrics import cpu_name
 from fastgpt.profiling import cpu_peak_allocated_bytes
+from fastgpt.rundir import git_commit
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -68,18 +68,6 @@ def peak_memory_bytes(fn) -> int:
     return cpu_peak_allocated_bytes(fn)
 
 
-def _git_commit() -> str | None:
-    root = pathlib.Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
 def _device_name() -> str:
     if CUDA:
         return torch.cuda.get_device_name()
@@ -106,7 +94,7 @@ class Session:
     def __init__(self):
         self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.context = {"run": self.started, "device": _device_name(), "size": SIZE, "versions": _versions(),
-                        "commit": _git_commit()}
+                        "commit": git_commit()}
         self.records: list[dict] = []
 
     def add(self, name: str, params: dict, stats, extra: dict) -> dict:
