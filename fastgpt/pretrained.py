@@ -51,14 +51,14 @@ class PretrainedError(ValueError):
     """Pretrained weights are missing, unreadable or not GPT-2's; one line for the user."""
 
 
-def hub_cache_dirs() -> list[pathlib.Path]:
+def hub_cache_dir() -> pathlib.Path:
     """Where huggingface_hub keeps downloads, by its own precedence."""
     if os.environ.get("HF_HUB_CACHE"):
-        return [pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()]
+        return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
-        return [pathlib.Path(os.environ["HF_HOME"]).expanduser() / "hub"]
+        return pathlib.Path(os.environ["HF_HOME"]).expanduser() / "hub"
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return [pathlib.Path(xdg).expanduser() / "huggingface" / "hub" if xdg else pathlib.Path("~/.cache/huggingface/hub").expanduser()]
+    return pathlib.Path(xdg).expanduser() / "huggingface" / "hub" if xdg else pathlib.Path("~/.cache/huggingface/hub").expanduser()
 
 
 def _snapshot(repo_dir: pathlib.Path) -> pathlib.Path | None:
@@ -81,12 +81,11 @@ def find_model_dir(name: str, hf_dir: str | None) -> pathlib.Path:
                                   f"(config.json and {SAFETENSORS_NAME} or {BIN_NAME})")
         return folder
     looked = []
-    for cache in hub_cache_dirs():
-        for repo in GPT2_MODELS[name]:
-            repo_dir = cache / ("models--" + repo.replace("/", "--"))
-            looked.append(str(repo_dir))
-            if snap := _snapshot(repo_dir):
-                return snap
+    for repo in GPT2_MODELS[name]:
+        repo_dir = hub_cache_dir() / ("models--" + repo.replace("/", "--"))
+        looked.append(str(repo_dir))
+        if snap := _snapshot(repo_dir):
+            return snap
     raise PretrainedError(
         f"no {name} weights here (looked in {', '.join(looked)}; nothing is downloaded at run time); on a machine "
         f"with a network run `huggingface-cli download {GPT2_MODELS[name][1]} {CONFIG_NAME} {SAFETENSORS_NAME}` and "
@@ -195,7 +194,7 @@ def to_hf_state(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
     state[PREFIX + "wte.weight"] = state[PREFIX + "wte.weight"][:vocab_size].contiguous()
     if not model.config.bias:
         for key, value in list(state.items()):
-            if key.endswith((".weight",)) and not key.endswith(("wte.weight", "wpe.weight")):
+            if key.endswith(".weight") and not key.endswith(("wte.weight", "wpe.weight")):
                 width = value.shape[1] if key.endswith(CONV1D_SUFFIXES) else value.shape[0]
                 state[key[: -len("weight")] + "bias"] = torch.zeros(width)
     return state
