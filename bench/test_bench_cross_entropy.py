@@ -1,4 +1,5 @@
-"""The LM head and its cross-entropy loss, forward+backward: fastgpt's and Triton's against torch.
+"""The LM head and its cross-entropy loss, forward+backward: fastgpt's and Triton's against torch;
+and the row kernel alone, on given logits.
 
     pytest bench/test_bench_cross_entropy.py --benchmark-only
 
@@ -10,7 +11,11 @@ Providers, measured in the same run so their ratios mean something:
             upcast to fp32 (what nanoGPT and fastgpt's torch path do)
   compiled  the same reference under torch.compile
 
-Each round is forward+backward of the head and the loss.
+Each round of test_linear_cross_entropy is forward+backward of the head and the loss. Each round
+of test_cross_entropy_rows is the loss and its gradient on given (N, V) logits: the row kernel
+(triton) writes d(summed loss)/dlogits over them, the gradient the fused head feeds its matmuls;
+eager and compiled run F.cross_entropy on the logits upcast to fp32 with reduction="sum", so both
+sides produce the same gradient, and backward casts it back to the logits' dtype.
 
 Shapes (bench/harness.py's size): "gpu", GPT-2 124M at batch 16 x 1024: N = 16384, C = 768,
 V = 50304 in bf16; "cpu", fp32 at N = 1024 (the CPU train step's 4 x 256). Without CUDA the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 from kernels import cross_entropy as ce  # noqa: E402
@@ -108,3 +114,43 @@ def test_cpu_head_chunk(benchmark, chunk_bytes, monkeypatch):
     monkeypatch.setattr(head_loss, "CHUNK_LOGITS_BYTES", chunk_bytes)
     run_head(benchmark, head_loss.chunked_head_loss, memory=False, suite="linear_cross_entropy chunk",
              chunk_rows=head_loss.chunk_rows(VOCAB))
+
+
+def summed_cross_entropy(logits, targets):
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+@pytest.mark.benchmark(group="cross_entropy")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_cross_entropy_rows(benchmark, provider):
+    """The loss and d(summed loss)/dlogits on (N, V) logits: the row kernel in place against
+    F.cross_entropy forward+backward."""
+    skip_compiled_on_cpu(provider)
+    if provider == "triton" and not CUDA:
+        pytest.skip("the triton provider needs CUDA: under the interpreter it would time numpy")
+    torch.manual_seed(0)
+    logits = torch.randn(HEAD_ROWS, VOCAB, device=DEVICE).to(DTYPE)
+    targets = torch.randint(0, VOCAB, (HEAD_ROWS,), device=DEVICE)
+    if provider == "triton":
+        # Each round overwrites the logits with the previous round's gradient: finite values of
+        # the same shape, so the kernel does the same work (its cost does not depend on them).
+        def step():
+            ce.cross_entropy_rows(logits, targets, IGNORE, write_grad=True).sum()
+            sync()
+    else:
+        loss = torch.compile(summed_cross_entropy) if provider == "compiled" else summed_cross_entropy
+        logits.requires_grad_()
+
+        def step():
+            logits.grad = None
+            loss(logits, targets).backward()
+            sync()
+
+    benchmark.pedantic(step, rounds=HEAD_ROUNDS, warmup_rounds=HEAD_WARMUP)
+    seconds = benchmark.stats.stats.median
+    logits.grad = None
+    # Traffic of the in-place pass: the logits read twice and their gradient written once.
+    benchmark.extra_info.update(
+        suite="cross_entropy", shape=[HEAD_ROWS, VOCAB], dtype=str(DTYPE).removeprefix("torch."),
+        ms=round(seconds * 1e3, 3), gb_per_s=round(3 * logits.numel() * logits.element_size() / seconds / 1e9, 1),
+        peak_mb=round(harness.peak_memory_bytes(step) / 1e6, 1))

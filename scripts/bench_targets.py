@@ -38,7 +38,6 @@ class Target:
 
 LN_GRAPH = (("mode", "forward+backward"), ("timing", "graph"))
 LN_WALL = (("mode", "forward+backward"), ("timing", "wall"))
-CE_BOTH = (("mode", "forward+backward"),)
 TARGETS = [
     # The kernels' GPU time (CUDA graph replay), what the targets are about...
     Target("LayerNorm fwd+bwd vs torch eager, GPU time", "test_layer_norm", LN_GRAPH, "eager", 1.5),
@@ -46,8 +45,13 @@ TARGETS = [
     # ...and what an eager caller sees, Python launch overhead included.
     Target("LayerNorm fwd+bwd vs torch eager, wall time", "test_layer_norm", LN_WALL, "eager", 1.5),
     Target("LayerNorm fwd+bwd vs torch.compile, wall time", "test_layer_norm", LN_WALL, "compiled", 1.0),
-    Target("cross-entropy fwd+bwd vs torch eager", "test_cross_entropy", CE_BOTH, "eager", 2.0),
-    Target("cross-entropy fwd+bwd peak memory vs eager", "test_cross_entropy", CE_BOTH, "eager", 0.5,
+    # The row kernel on given logits, against F.cross_entropy forward+backward...
+    Target("cross-entropy fwd+bwd vs torch eager", "test_cross_entropy_rows", (), "eager", 2.0),
+    Target("cross-entropy fwd+bwd peak memory vs eager", "test_cross_entropy_rows", (), "eager", 0.5,
+           metric="memory"),
+    # ...and the head fused with it, against F.linear + F.cross_entropy on the full logits.
+    Target("head + loss fwd+bwd vs torch eager", "test_linear_cross_entropy", (), "eager", 1.0),
+    Target("head + loss fwd+bwd peak memory vs unchunked", "test_linear_cross_entropy", (), "eager", 0.5,
            metric="memory"),
     Target("AdamW step vs torch fused AdamW", "test_adamw_step", (), "fused", 1.0),
 ]

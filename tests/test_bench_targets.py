@@ -31,8 +31,10 @@ def report():
         entry("test_layer_norm", "triton", 3.0, mode=both, timing="wall"),
         entry("test_layer_norm", "eager", 2.0, mode=both, timing="wall"),  # 0.67x: missed; no compiled: not measured
         entry("test_layer_norm", "eager", 5.0, mode="forward", timing="graph"),  # another mode: ignored
-        entry("test_cross_entropy", "triton", 1.0, mode=both, peak_mb=1700.0),
-        entry("test_cross_entropy", "eager", 1.9, mode=both, peak_mb=3400.0),  # 1.9x: missed; memory 0.5x: met
+        entry("test_cross_entropy_rows", "triton", 1.0, peak_mb=1700.0),
+        entry("test_cross_entropy_rows", "eager", 1.9, peak_mb=3400.0),  # 1.9x: missed; memory 0.5x: met
+        entry("test_linear_cross_entropy", "triton", 1.0, peak_mb=400.0),
+        entry("test_linear_cross_entropy", "eager", 1.25, peak_mb=2000.0),  # 1.25x: met; memory 0.2x: met
         entry("test_adamw_step", "fused", 1.0),  # no triton provider: not measured
         entry("test_adamw_step", "foreach", 2.0),
     ]}
@@ -47,6 +49,8 @@ def test_verdicts():
     assert rows["LayerNorm fwd+bwd vs torch.compile, wall time"] == (None, "not measured")
     assert rows["cross-entropy fwd+bwd vs torch eager"][1] == "MISSED"
     assert rows["cross-entropy fwd+bwd peak memory vs eager"] == (0.5, "met")
+    assert rows["head + loss fwd+bwd vs torch eager"] == (1.25, "met")
+    assert rows["head + loss fwd+bwd peak memory vs unchunked"] == (0.2, "met")
     assert rows["AdamW step vs torch fused AdamW"] == (None, "not measured")
 
 
@@ -59,7 +63,7 @@ def test_cli_merges_reports_and_prints_every_target(tmp_path, capsys):
     assert bench_targets.main(["--merge", str(merged), str(first), str(second), str(cut_off)]) == 0
     out = capsys.readouterr().out
     assert f"skipping {cut_off}" in out and "2 report(s) (gpu-box)" in out
-    assert out.count(" met") == 2 and out.count("MISSED") == 3 and out.count("not measured") == 2
+    assert out.count(" met") == 4 and out.count("MISSED") == 3 and out.count("not measured") == 2
     assert "test_layer_norm[triton-forward+backward-graph]" in out
     assert json.loads(merged.read_text())["benchmarks"] == benches
     with pytest.raises(SystemExit):
