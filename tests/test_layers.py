@@ -1,0 +1,175 @@
+"""The import rules of ARCHITECTURE.md, read from its layer table and checked on the source."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("fastgpt", "kernels")
+
+
+def unit(module: str) -> str | None:
+    """The table's name for a dotted module: `kernels` for all of kernels/, `corpora` for its
+    package, else the module under fastgpt (None for fastgpt itself)."""
+    parts = module.split(".")
+    if parts[0] == "kernels":
+        return "kernels"
+    if len(parts) == 1:
+        return None
+    return parts[1]
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    """Every fastgpt or kernels module the file imports, at any depth of the file (imports
+    inside functions count: they are the ones that hide a cycle)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                package = path.relative_to(ROOT).parent.parts
+                base = ".".join(package[: len(package) - node.level + 1])
+                names = [f"{base}.{node.module}" if node.module else base]
+            else:
+                names = [node.module]
+            if names[0] in PACKAGES:  # `from fastgpt import data` names a module
+                names += [f"{names[0]}.{a.name}" for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in PACKAGES)
+    return found
+
+
+def module_name(path: pathlib.Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def source_files() -> list[pathlib.Path]:
+    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """unit -> the other units it imports."""
+    graph: dict[str, set[str]] = {}
+    for path in source_files():
+        name = unit(module_name(path))
+        if name is None:
+            continue
+        deps = {unit(m) for m in imported_modules(path)} - {None, name}
+        graph.setdefault(name, set()).update(deps)
+    return graph
+
+
+def layer_table() -> dict[str, tuple[int, str]]:
+    """unit -> (layer, group), from the ```layers block of ARCHITECTURE.md."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    block = re.search(r"^```layers\n(.*?)^```", text, re.M | re.S)
+    assert block, "ARCHITECTURE.md has no ```layers block"
+    table = {}
+    for line in block[1].splitlines():
+        layer, group, *units = line.split()
+        for name in units:
+            assert name not in table, f"{name} is in two rows of the layer table"
+            table[name] = (int(layer), group)
+    return table
+
+
+def allowed(importer: tuple[int, str], imported: tuple[int, str]) -> bool:
+    (layer, group), (other_layer, other_group) = importer, imported
+    if other_layer < layer:
+        return True
+    return other_layer == layer and other_group == group and group != "commands"
+
+
+def test_every_module_is_placed_in_the_table():
+    table, graph = layer_table(), import_graph()
+    assert sorted(set(graph) - set(table)) == [], "modules missing from ARCHITECTURE.md's layer table"
+    assert sorted(set(table) - set(graph)) == [], "the layer table names modules that do not exist"
+
+
+def test_the_readme_draws_the_same_layers():
+    """README's Layout block names each unit on its layer's line."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"^## Layout\n\n```\n(.*?)^```", readme, re.M | re.S)
+    assert block, "README.md's Layout section has no drawing"
+    drawn = {}
+    for line in block[1].splitlines():
+        layer, *words = line.split()
+        for word in words:
+            drawn.setdefault(word.rstrip("/"), int(layer))
+    table = layer_table()
+    assert {name: drawn.get(name) for name in table} == {name: layer for name, (layer, _) in table.items()}
+
+
+def test_imports_point_down_the_layers():
+    table = layer_table()
+    broken = [f"{a} ({table[a][1]}) imports {b} ({table[b][1]})"
+              for a, deps in import_graph().items() for b in sorted(deps)
+              if not allowed(table[a], table[b])]
+    assert broken == []
+
+
+def test_no_import_cycle():
+    graph, done, path = import_graph(), set(), []
+
+    def visit(name):
+        if name in path:
+            pytest.fail("import cycle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name in done:
+            return
+        path.append(name)
+        for dep in sorted(graph.get(name, ())):
+            visit(dep)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
+def test_kernels_import_nothing_of_fastgpt():
+    offenders = {module_name(p): sorted(m for m in imported_modules(p) if not m.startswith("kernels"))
+                 for p in (ROOT / "kernels").rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_data_reaches_no_command_line_module():
+    """Reading batches pulls in neither a command nor the argument parser, even indirectly."""
+    table, graph = layer_table(), import_graph()
+    cli_side = {name for name, (_, group) in table.items() if group in ("commands", "cli")}
+    for reader in ("data", "tokenizer", "dataformat"):
+        assert closure(graph, reader) & cli_side == set(), reader
+
+
+def test_the_bench_reference_is_independent():
+    assert imported_modules(ROOT / "bench" / "reference.py") == set()
+
+
+def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
+    """The rules can fail: a base module importing the model, or kernels importing fastgpt."""
+    table = layer_table()
+    assert not allowed(table["metrics"], table["model"])
+    assert not allowed(table["data"], table["model"])  # side by side in layer 2
+    assert not allowed(table["sample"], table["train"])
+    assert allowed(table["train"], table["cli"]) and allowed(table["ops"], table["kernels"])
+    bad = tmp_path / "kernels" / "bad.py"
+    bad.parent.mkdir()
+    bad.write_text("def f():\n    from fastgpt.model import GPT\nfrom . import common\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert imported_modules(bad) == {"fastgpt.model", "kernels", "kernels.common"}
