@@ -40,17 +40,31 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup(device_type: str, backend: str, timeout_s: int) -> DistInfo:
-    """Join the process group torchrun describes; a no-op for a plain `python -m` run."""
+class LaunchError(ValueError):
+    """A setting that does not fit the number of ranks torchrun started."""
+
+
+def setup(device: torch.device, backend: str, timeout_s: int) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes and return this rank's device (its own GPU
+    under CUDA); a no-op for a plain `python -m` run."""
     if not launched_by_torchrun():
-        return DistInfo()
+        return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
-    if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
     else:
         backend = "gloo"  # NCCL needs GPUs
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return info
+    return info, device
+
+
+def micro_steps_per_rank(gradient_accumulation_steps: int, info: DistInfo) -> int:
+    """Each rank's share of the global micro-step count (nanoGPT's convention)."""
+    if gradient_accumulation_steps % info.world_size:
+        raise LaunchError(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global count and must be "
+                          f"divisible by the {info.world_size} ranks")
+    return gradient_accumulation_steps // info.world_size
 
 
 # torchrun's agent keeps one rendezvous store for every attempt, and a restarted rank can read the

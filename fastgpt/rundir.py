@@ -21,7 +21,7 @@ import torch
 
 from fastgpt.assets import atomic_writer
 from fastgpt.checkpoint import checkpoint_path, numbered_checkpoints
-from fastgpt.metrics import host_summary, metrics_path
+from fastgpt.metrics import metrics_path
 
 RECORD_NAME = "run.json"
 WRITE_TEST_NAME = ".write-test"
@@ -97,9 +97,9 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def run_record(config: dict, device: torch.device, world_size: int) -> dict:
-    """What any result of this run can be traced back to; plain data, so checkpoints carry it."""
-    host = host_summary()
+def run_record(config: dict, device: torch.device, world_size: int, host: dict) -> dict:
+    """What any result of this run can be traced back to; plain data, so checkpoints carry it.
+    host: metrics.host_summary(), which the start-up log has already shown."""
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": list(sys.argv),

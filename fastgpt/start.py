@@ -15,7 +15,7 @@ import torch
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.config import TrainConfig
-from fastgpt.model import GPTConfig, padded_vocab_size
+from fastgpt.model import GPT, GPTConfig, padded_vocab_size
 from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2_state
 
 # The TrainConfig fields that a start's shape overrides (vocab_size stays: None means the dataset's).
@@ -51,6 +51,20 @@ def resolve_start(cfg: TrainConfig, data_vocab: int) -> Start:
                  for k in ckpt_io.SHAPE_FIELDS if getattr(model_args, k) != getattr(wanted, k)]
         return Start(model_args, weights, None, cfg.init_from, taken)
     return Start(wanted, None, None, "scratch", [])
+
+
+def build_model(start: Start, ops) -> GPT:
+    """The model the start describes, on the CPU. Loaded weights are dropped from `start` (and
+    from its checkpoint) once in the model, so a large model's CPU copy is freed early."""
+    if start.weights is None:
+        return GPT(start.model_args, ops)
+    with torch.device("meta"):  # no random initialisation: every weight comes from the file
+        model = GPT(start.model_args, ops)
+    ckpt_io.load_model_state(model, start.weights, start.source, assign=True)
+    start.weights = None
+    if start.checkpoint is not None:
+        start.checkpoint.pop("model", None)
+    return model
 
 
 def adopt_shape(cfg: TrainConfig, model_args: GPTConfig) -> TrainConfig:

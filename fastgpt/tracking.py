@@ -1,8 +1,12 @@
-"""Optional experiment tracking with Weights & Biases (nanoGPT's `wandb_log` fields)."""
+"""Where a run's numbers go: rank 0's console, out_dir/metrics.jsonl, the history `train()`
+returns, and optionally Weights & Biases (nanoGPT's `wandb_log` fields)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from fastgpt.config import ConfigError
+from fastgpt.metrics import MetricsLog, format_log_line
 
 
 class Tracker:
@@ -25,3 +29,29 @@ class Tracker:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+class RunReport:
+    """One call per evaluation and per log step sends the numbers everywhere they are kept:
+    the log line, metrics.jsonl, the history (iter, loss) / (iter, train, val), and W&B at
+    evaluations, as nanoGPT logs it (with the last measured MFU)."""
+
+    def __init__(self, log: Callable[[str], None], metrics: MetricsLog, tracker: Tracker):
+        self.log, self.metrics, self.tracker = log, metrics, tracker
+        self.history: dict[str, list] = {"train": [], "eval": []}
+        self.mfu: float | None = None
+
+    def evaluation(self, iter_num: int, losses: dict[str, float], elapsed_s: float, lr: float) -> None:
+        self.log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.history["eval"].append((iter_num, losses["train"], losses["val"]))
+        self.metrics.write({"kind": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                            "elapsed_s": elapsed_s})
+        self.tracker.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
+                          "mfu": self.mfu}, iter_num)
+
+    def step(self, record: dict) -> None:
+        """A log step's record, as metrics.ThroughputMeter.tick makes it."""
+        self.history["train"].append((record["iter"], record["loss"]))
+        self.mfu = record["mfu"]
+        self.log(format_log_line(record))
+        self.metrics.write(record)

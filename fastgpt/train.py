@@ -31,9 +31,7 @@ from fastgpt import distributed
 from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.corpora import ensure_dataset
 from fastgpt.data import DataError, Prefetcher, open_tokens, run_streams
-from fastgpt.metrics import (MetricsLog, ThroughputMeter, describe_peak, elapsed_before, format_log_line, host_summary,
-                             metrics_path, peak_flops)
-from fastgpt.model import GPT
+from fastgpt.metrics import MetricsLog, ThroughputMeter, describe_peak, elapsed_before, host_summary, peak_flops
 from fastgpt.ops import KernelChoiceError, choose_kernels
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
@@ -41,11 +39,11 @@ from fastgpt.pretrained import PretrainedError
 from fastgpt.profiling import StepProfiler
 from fastgpt.rundir import RunDirError, begin_run, check_free_space, check_writable, run_record
 from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
-from fastgpt.start import adopt_shape, resolve_start
+from fastgpt.start import adopt_shape, build_model, resolve_start
 from fastgpt.start import describe as describe_start
 from fastgpt.stopping import LossWatch, NonFiniteLossError, StopSignal, StopVote
 from fastgpt.tokenizer import dataset_vocab_size
-from fastgpt.tracking import Tracker
+from fastgpt.tracking import RunReport, Tracker
 
 # The default recipe ships in the repository's configs/; from an installed copy without it, the
 # same relative path is looked up in the working directory.
@@ -54,7 +52,7 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
 USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--profile] [--debug] [--key=value ...]"
 # Errors a user can fix from the message alone: printed as one line, exit status 2 (--debug: the traceback).
 USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, KernelChoiceError, RunDirError,
-               PretrainedError, FileNotFoundError)
+               PretrainedError, distributed.LaunchError, FileNotFoundError)
 # A run that diverged: one line, and a status a scheduler can tell from a crash.
 DIVERGED_EXIT = 3
 
@@ -113,20 +111,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     # ---------------------------------------------------------------- runtime
-    device = resolve_device(cfg.device)
-    dist_info = distributed.setup(device.type, cfg.backend, cfg.ddp_timeout)
-    if device.type == "cuda" and dist_info.enabled:
-        device = torch.device("cuda", dist_info.local_rank)
+    dist_info, device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.ddp_timeout)
     log = print if dist_info.is_master else (lambda *args, **kwargs: None)
-    if cfg.gradient_accumulation_steps % dist_info.world_size:
-        raise ConfigError(
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the global count and must be "
-            f"divisible by the {dist_info.world_size} ranks"
-        )
-    micro_steps = cfg.gradient_accumulation_steps // dist_info.world_size  # per rank
+    micro_steps = distributed.micro_steps_per_rank(cfg.gradient_accumulation_steps, dist_info)
     dtype = resolve_dtype(cfg.dtype, device)
     kernels = choose_kernels(cfg.kernels, device)
-    ops = kernels.ops
     configure_backends(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
@@ -134,11 +123,13 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     if dist_info.is_master:  # before the data and the model, so an unwritable out_dir fails in seconds
         check_writable(cfg.out_dir)
         ckpt_io.remove_stale_temporaries(cfg.out_dir)  # from a save that a kill cut short
-    log(f"host: {host_summary()}")
+    host = host_summary()
+    log(f"host: {host}")
     if warning := distributed.restart_warning():
         log(warning)
     log(f"config: {cfg.to_dict()}")
-    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {ops.name} kernels, {dist_info.world_size} rank(s)")
+    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {kernels.ops.name} kernels, "
+        f"{dist_info.world_size} rank(s)")
 
     # ---------------------------------------------------------------- data
     data_dir = pathlib.Path(cfg.data_root) / cfg.dataset
@@ -156,16 +147,9 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     train_batches, eval_batches = streams["train"], {"train": streams["train_eval"], "val": streams["val_eval"]}
 
     # ---------------------------------------------------------------- model
-    model_args, checkpoint, log_path = start.model_args, start.checkpoint, metrics_path(cfg.out_dir)
+    model_args, checkpoint = start.model_args, start.checkpoint
     resumed_from = pathlib.Path(start.source) if checkpoint is not None else None
-    if start.weights is None:
-        model = GPT(model_args, ops)
-    else:
-        with torch.device("meta"):  # no random initialisation: every weight comes from the file
-            model = GPT(model_args, ops)
-        ckpt_io.load_model_state(model, start.weights, start.source, assign=True)
-    start = None  # free the CPU copy of the weights
-    model.to(device)
+    model = build_model(start, kernels.ops).to(device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}; tokens per iteration {tokens_per_iter:,}")
     if dist_info.is_master:
         check_free_space(cfg.out_dir, model.num_params(non_embedding=False))
@@ -178,10 +162,10 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
         iter_num, best_val_loss = ckpt_io.restore_training_state(checkpoint, optimizer, scaler, streams, resumed_from,
                                                                  dist_info)
         log(f"resumed from {resumed_from} at iteration {iter_num}")
-        checkpoint = None
     else:
         torch.manual_seed(cfg.seed + dist_info.rank)  # dropout masks differ across ranks
-    run_info = run_record(cfg.to_dict(), device, dist_info.world_size)
+    start = checkpoint = None  # the optimizer state now lives in the optimizer
+    run_info = run_record(cfg.to_dict(), device, dist_info.world_size, host)
     if dist_info.is_master and not (cfg.eval_only or cfg.profile):  # only a run that trains writes to out_dir
         for path, moved in begin_run(cfg.out_dir, run_info, fresh=resumed_from is None):
             log(f"kept the previous run's {path.name} as {moved}")
@@ -210,12 +194,12 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
             log(f"saved checkpoint to {path}")
 
     # ---------------------------------------------------------------- the loop
-    start_iter, losses, lr, mfu = iter_num, {}, cfg.learning_rate, None
-    history = {"train": [], "eval": []}  # (iter, loss) at log points; (iter, train, val) at evaluations
+    start_iter, losses, lr = iter_num, {}, cfg.learning_rate
     metrics = cleanup.enter_context(contextlib.closing(MetricsLog(cfg.out_dir, dist_info.is_master and not cfg.profile)))
     metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "run": run_info})
+    report = RunReport(log, metrics, tracker)
     meter = ThroughputMeter(tokens_per_iter, flops_per_iter, peak, cfg.max_iters, cfg.eval_interval, device)
-    meter.start(iter_num, elapsed_before(log_path, iter_num) if start_iter else 0.0)  # a resume continues the clock
+    meter.start(iter_num, elapsed_before(metrics.path, iter_num) if start_iter else 0.0)  # a resume continues the clock
     prof = cleanup.enter_context(StepProfiler(cfg, device, dist_info.rank, cfg.max_iters - iter_num))
     stop = cleanup.enter_context(StopSignal(log))
     stop_vote = StopVote(stop, dist_info.enabled, device)
@@ -224,11 +208,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
         if evaluate and not (iter_num == start_iter and start_iter > 0):  # a resumed step was evaluated before saving
             meter.pause()  # keep evaluation out of the timings
             losses = estimate_loss(model, eval_batches, cfg.eval_iters, ctx, dist_info)
-            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            history["eval"].append((iter_num, losses["train"], losses["val"]))
-            metrics.write({"kind": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                           "elapsed_s": meter.elapsed()})
-            tracker.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr, "mfu": mfu}, iter_num)
+            report.evaluation(iter_num, losses, meter.elapsed(), lr)
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0:
@@ -268,18 +248,14 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
             check_finite()
             # CPU-GPU sync (waits for the step); under DDP also a collective, for the mean over ranks.
             last_loss = distributed.mean_over_ranks(loss.item() * micro_steps, dist_info, device)
-            history["train"].append((iter_num, last_loss))
-            record = meter.tick(iter_num, last_loss, lr)
-            mfu = record["mfu"]
-            log(format_log_line(record))
-            metrics.write(record)
+            report.step(meter.tick(iter_num, last_loss, lr))
         prof.step()
     stop_vote.close()
     tracker.close()  # on an exception, wandb's own exit hook closes the run and marks it failed
     log(prof.report() if cfg.profile else meter.summary(iter_num, best_val_loss))
     if dist_info.is_master and not (cfg.profile or cfg.eval_only):
-        log(save_plot(log_path, pathlib.Path(cfg.out_dir) / "loss.png"))
-    return TrainResult(iter_num, losses, best_val_loss, history, raw_model)
+        log(save_plot(metrics.path, pathlib.Path(cfg.out_dir) / "loss.png"))
+    return TrainResult(iter_num, losses, best_val_loss, report.history, raw_model)
 
 
 def main(argv: list[str] | None = None) -> int:
