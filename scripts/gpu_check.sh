@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One pass over everything that needs a GPU, in under 8 minutes on an H100 or H200. Each step has
-# its own time cap (together 7.7 minutes), so a step that hangs or runs long costs only its own
+# its own time cap (together 7.9 minutes), so a step that hangs or runs long costs only its own
 # results:
 #   1. the kernel tests, compiled for the GPU (no interpreter; in parallel when pytest-xdist is
 #      installed, since compiling the kernels is most of their time; the offline sm_90 compile
@@ -58,9 +58,9 @@ bench() {  # bench CAP FILE: one benchmark file, its JSON kept for the merge
 }
 export FASTGPT_BENCH_JSONL="$tmp/bench.jsonl"  # bench/conftest.py: each benchmark as it finishes
 bench 60 test_bench_layernorm.py
-bench 60 test_bench_cross_entropy.py
+bench 80 test_bench_cross_entropy.py  # two torch.compile baselines (head + loss, loss alone)
 bench 45 test_bench_adamw.py
-bench 35 test_bench_train_step.py
+bench 45 test_bench_train_step.py
 step "kernel targets"
 "$py" scripts/bench_targets.py --merge "$out/bench.json" "$tmp"/*.json "$FASTGPT_BENCH_JSONL" 2>&1 \
   | tee "$out/targets.txt" | tee -a "$log"
@@ -77,7 +77,7 @@ PY
 
 for kernels in torch triton; do
   step "GPT-2 124M training, kernels=$kernels"
-  run 92 "$py" -m fastgpt.train configs/owt.py --dataset=gpu_check --kernels=$kernels \
+  run 82 "$py" -m fastgpt.train configs/owt.py --dataset=gpu_check --kernels=$kernels \
     --batch_size=16 --gradient_accumulation_steps=4 --max_iters=40 --warmup_iters=10 --lr_decay_iters=40 \
     --eval_interval=40 --eval_iters=2 --log_interval=5 --out_dir="$tmp/ckpt-$kernels"
   # The first log windows hold the compile: the median from iteration 10 on is the steady rate.
