@@ -52,8 +52,12 @@ PROVIDERS = ["triton", "eager", "compiled"]
 CPU_CHUNK_BYTES = [64 * 2**20, 256 * 2**20, 1024 * 2**20]
 
 
-def skip_compiled_on_cpu(provider: str) -> None:
-    if provider == "compiled" and not CUDA:
+def skip_gpu_providers_on_cpu(provider: str) -> None:
+    if CUDA:
+        return
+    if provider == "triton":
+        pytest.skip("the triton provider needs CUDA: under the interpreter it would time numpy")
+    if provider == "compiled":
         pytest.skip("compiled is a GPU baseline; inductor's CPU compiles outlast the CPU budget of bench/")
 
 
@@ -62,8 +66,6 @@ def loss_fn(provider: str):
         head_and_loss = choose_kernels("auto", DEVICE).ops.head_and_loss
         return lambda hidden, weight, targets, ignore: head_and_loss(hidden, weight, targets)[1]
     if provider == "triton":
-        if not CUDA:
-            pytest.skip("the triton provider needs CUDA: under the interpreter it would time numpy")
         return ce.linear_cross_entropy
     reference = ce.linear_cross_entropy_reference
     return torch.compile(reference) if provider == "compiled" else reference
@@ -102,7 +104,7 @@ def run_head(benchmark, fn, memory=True, **extra):
 def test_linear_cross_entropy(benchmark, provider):
     """The head and the loss, forward+backward: fastgpt's (the chunked Triton op on CUDA, the
     chunked torch op on a CPU) against matmul + F.cross_entropy."""
-    skip_compiled_on_cpu(provider)
+    skip_gpu_providers_on_cpu(provider)
     run_head(benchmark, loss_fn(provider))
 
 
@@ -125,9 +127,7 @@ def summed_cross_entropy(logits, targets):
 def test_cross_entropy_rows(benchmark, provider):
     """The loss and d(summed loss)/dlogits on (N, V) logits: the row kernel in place against
     F.cross_entropy forward+backward."""
-    skip_compiled_on_cpu(provider)
-    if provider == "triton" and not CUDA:
-        pytest.skip("the triton provider needs CUDA: under the interpreter it would time numpy")
+    skip_gpu_providers_on_cpu(provider)
     torch.manual_seed(0)
     logits = torch.randn(HEAD_ROWS, VOCAB, device=DEVICE).to(DTYPE)
     targets = torch.randint(0, VOCAB, (HEAD_ROWS,), device=DEVICE)

@@ -80,9 +80,9 @@ def find_model_dir(name: str, hf_dir: str | None) -> pathlib.Path:
             raise PretrainedError(f"hf_dir={hf_dir!r} holds no {CONFIG_NAME}; point it at a Hugging Face model folder "
                                   f"(config.json and {SAFETENSORS_NAME} or {BIN_NAME})")
         return folder
-    looked = []
+    looked, cache = [], hub_cache_dir()
     for repo in GPT2_MODELS[name]:
-        repo_dir = hub_cache_dir() / ("models--" + repo.replace("/", "--"))
+        repo_dir = cache / ("models--" + repo.replace("/", "--"))
         looked.append(str(repo_dir))
         if snap := _snapshot(repo_dir):
             return snap
