@@ -11,7 +11,7 @@ import pathlib
 import sys
 
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+import torch.distributed as dist
 
 from fastgpt import data, distributed, train
 
@@ -21,8 +21,16 @@ def count_allreduce(out_file: pathlib.Path) -> None:
     wrap = distributed.wrap
 
     def counting_hook(state, bucket):
+        # The all-reduce runs synchronously here, not as default_hooks' async all-reduce with a
+        # Python .then() callback: gloo's worker threads outlive destroy_process_group once DDP
+        # has held the group, and one still releasing that callback while the interpreter
+        # finalizes aborts the rank ("terminate called without an active exception").
         calls[0] += 1
-        return default_hooks.allreduce_hook(None, bucket)
+        grads = bucket.buffer().div_(dist.get_world_size())
+        dist.all_reduce(grads)
+        done = torch.futures.Future()
+        done.set_result(grads)
+        return done
 
     def wrap_and_count(model, info, device):
         ddp = wrap(model, info, device)
