@@ -70,8 +70,11 @@ def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 
 def measure_matmul_flops(dtype: torch.dtype, size: int = CPU_PEAK_MATMUL_SIZE, seconds: float = CPU_PEAK_SECONDS) -> float:
     """Best observed FLOP/s of a (size x size) @ (size x size) matmul on the CPU in `dtype`."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    # Its own generator: the trainer measures after seeding (or restoring) the global one, and a
+    # cache miss must not shift the dropout masks of the run that follows.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
     out = torch.empty(size, size, dtype=dtype)
     start = time.perf_counter()
     while time.perf_counter() - start < CPU_PEAK_WARMUP_SECONDS:  # thread pool, BLAS kernel choice, clocks

@@ -165,3 +165,19 @@ def test_new_run_sets_the_old_log_aside(tmp_path, tiny_data):
     kept = list((tmp_path / "out").glob("metrics.*.jsonl"))
     assert len(kept) == 1 and kept[0].read_text() == old
     assert [r["kind"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl")[0]].count("start") == 1
+
+
+def test_measuring_the_cpu_peak_leaves_the_run_unchanged(tmp_path, tiny_data, monkeypatch):
+    """The first run on a machine measures the matmul peak after seeding; its dropout masks, and
+    so its losses, must be those of a run that read the peak from the cache."""
+    from functools import partial
+
+    from fastgpt import metrics
+
+    data_root, _ = tiny_data
+    monkeypatch.setattr(metrics, "measure_matmul_flops", partial(metrics.measure_matmul_flops, size=64, seconds=0.01))
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))  # empty: the first run measures
+    runs = [train(tiny_config(tmp_path / name, data_root, max_iters=6, log_interval=1, dropout=0.1)).history["train"]
+            for name in ("measured", "cached")]
+    assert (tmp_path / "cache" / metrics.PEAK_CACHE_FILE).exists()
+    assert runs[0] == runs[1]
