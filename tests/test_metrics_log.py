@@ -1,12 +1,15 @@
 """ThroughputMeter (ETA, smoothing, data-wait share) on a fake clock, and metrics.jsonl as the
-trainer writes it: every field, appended on resume, a new run's log set aside."""
+trainer writes it: every field, appended on resume, a new run's log set aside; and the CPU peak
+measurement leaving the run's random stream alone."""
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 
+from fastgpt import assets, metrics
 from fastgpt.metrics import (ETA_BETA, MetricsLog, ThroughputMeter, elapsed_before, evals_left, format_eta,
                              format_log_line, read_metrics)
 from fastgpt.train import train
@@ -170,13 +173,9 @@ def test_new_run_sets_the_old_log_aside(tmp_path, tiny_data):
 def test_measuring_the_cpu_peak_leaves_the_run_unchanged(tmp_path, tiny_data, monkeypatch):
     """The first run on a machine measures the matmul peak after seeding; its dropout masks, and
     so its losses, must be those of a run that read the peak from the cache."""
-    from functools import partial
-
-    from fastgpt import metrics
-
     data_root, _ = tiny_data
     monkeypatch.setattr(metrics, "measure_matmul_flops", partial(metrics.measure_matmul_flops, size=64, seconds=0.01))
-    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))  # empty: the first run measures
+    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "cache"))  # empty: the first run measures
     runs = [train(tiny_config(tmp_path / name, data_root, max_iters=6, log_interval=1, dropout=0.1)).history["train"]
             for name in ("measured", "cached")]
     assert (tmp_path / "cache" / metrics.PEAK_CACHE_FILE).exists()
