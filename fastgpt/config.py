@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 
 from fastgpt.dataformat import DEFAULT_DATA_ROOT
-from fastgpt.ops import KERNEL_CHOICES
+from fastgpt.ops import KERNEL_CHOICES, OP_CHOICES, OP_FIELDS
 from fastgpt.pretrained import GPT2_MODELS
 from fastgpt.runtime import DTYPES
 
@@ -137,9 +137,30 @@ class TrainConfig:
     kernels: str = field(
         default="auto",
         metadata=_doc(
-            "hot-path implementation: 'auto' = Triton kernels on CUDA when triton imports, torch elsewhere",
+            "hot-path implementation of every op left unset below: 'auto' = an op's Triton kernel only on a GPU class "
+            "where a committed measurement (fastgpt/kernel_measurements.json) shows it speeding up the whole training "
+            "step, torch (and torch.compile's Inductor) everywhere else; 'triton' or 'torch' for all",
             KERNEL_CHOICES,
         ),
+    )
+    layer_norm_kernel: typing.Optional[str] = field(
+        default=None,
+        metadata=_doc("LayerNorm and the block's fused residual add + LayerNorm; None: as `kernels`",
+                      (None, *OP_CHOICES["layer_norm"])),
+    )
+    head_loss_kernel: typing.Optional[str] = field(
+        default=None,
+        metadata=_doc(
+            "the LM head and its cross-entropy: 'triton' chunks it over rows so the (tokens x vocab) logits never "
+            "exist; 'fp8' (opt-in) runs the head's matmuls in fp8 with per-tensor scales (CUDA compute capability "
+            "8.9+, e.g. H100; shapes multiples of 16); None: as `kernels`",
+            (None, *OP_CHOICES["head_loss"]),
+        ),
+    )
+    optimizer_kernel: typing.Optional[str] = field(
+        default=None,
+        metadata=_doc("AdamW: 'triton' is one launch over every parameter, 'torch' is torch's fused AdamW; None: as `kernels`",
+                      (None, *OP_CHOICES["optimizer"])),
     )
 
     def __post_init__(self) -> None:
@@ -192,6 +213,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def kernel_overrides(self) -> dict[str, str | None]:
+        """op -> its own kernel choice (None: as `kernels`), for fastgpt.ops.choose_kernels."""
+        return {op: getattr(self, name) for op, name in OP_FIELDS.items()}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -283,6 +308,6 @@ def help_text() -> str:
     lines = []
     for f in dataclasses.fields(TrainConfig):
         choices = f.metadata.get("choices", ())
-        extra = f" (one of {', '.join(choices)})" if choices else ""
+        extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
         lines.append(f"  --{f.name}={f.default!r}  [{_type_name(_HINTS[f.name])}] {f.metadata['help']}{extra}")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.corpora import ensure_dataset
 from fastgpt.data import DataError, Prefetcher, open_tokens, run_streams
 from fastgpt.metrics import MetricsLog, ThroughputMeter, describe_peak, elapsed_before, host_summary, peak_flops
-from fastgpt.ops import KernelChoiceError, choose_kernels
+from fastgpt.ops import KernelChoiceError, check_head_shapes, choose_kernels
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
 from fastgpt.pretrained import PretrainedError
@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     log = print if dist_info.is_master else (lambda *args, **kwargs: None)
     micro_steps = distributed.micro_steps_per_rank(cfg.gradient_accumulation_steps, dist_info)
     dtype = resolve_dtype(cfg.dtype, device)
-    kernels = choose_kernels(cfg.kernels, device)
+    kernels = choose_kernels(cfg.kernels, device, cfg.kernel_overrides())
     configure_backends(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
@@ -148,6 +148,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
 
     # ---------------------------------------------------------------- model
     model_args, checkpoint = start.model_args, start.checkpoint
+    check_head_shapes(kernels.choices, cfg.batch_size * cfg.block_size, model_args.n_embd, model_args.vocab_size)
     resumed_from = pathlib.Path(start.source) if checkpoint is not None else None
     model = build_model(start, kernels.ops).to(device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}; tokens per iteration {tokens_per_iter:,}")
