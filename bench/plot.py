@@ -1,4 +1,4 @@
-"""Draw the benchmark results file as a PNG: fastgpt's speedup over its baseline per suite and
+"""Draw the benchmark results file as a PNG: fastgpt's speedup over each baseline per suite and
 shape, one bar per run (a run is one pytest session, on one machine).
 
     python -m bench.plot [RESULTS.jsonl] [--out bench_results.png] [--last 6]
@@ -30,8 +30,8 @@ def read_results(path: pathlib.Path) -> list[dict]:
 
 
 def speedups(records: list[dict]) -> dict[str, dict[str, float]]:
-    """run label -> {"suite shape": baseline median / fastgpt median}, for pairs measured in the
-    same run."""
+    """run label -> {"suite shape: ours / baseline": baseline median / ours median}, for each of
+    harness.SUITE_PAIRS measured in the same run."""
     medians: dict[tuple, float] = {}
     labels: dict[str, str] = {}
     for r in records:
@@ -39,12 +39,10 @@ def speedups(records: list[dict]) -> dict[str, dict[str, float]]:
         labels[r["run"]] = f"{r['run'][:16]} {r.get('device', '?')[:28]} {r.get('commit') or ''}"
     out: dict[str, dict[str, float]] = {}
     for (run, suite, shape, provider), median in medians.items():
-        pair = SUITE_PAIRS.get(suite)
-        if pair is None or provider != pair[0]:
-            continue
-        base = medians.get((run, suite, shape, pair[1]))
-        if base:
-            out.setdefault(labels[run], {})[f"{suite} {shape}"] = base / median
+        for ours, baseline in SUITE_PAIRS.get(suite, []):
+            base = medians.get((run, suite, shape, baseline)) if provider == ours else None
+            if base:
+                out.setdefault(labels[run], {})[f"{suite} {shape}: {ours} / {baseline}"] = base / median
     return out
 
 

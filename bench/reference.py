@@ -5,8 +5,8 @@ and the tests can use it as an oracle (the same weights give the same logits, lo
 gradients). What it does, each as nanoGPT's model.py and train.py do:
   - eager modules, `F.layer_norm`, exact GELU, `F.scaled_dot_product_attention(is_causal=True)`,
     the LM head over every position and `F.cross_entropy` on the full (B*T, V) logits;
-  - `torch.optim.AdamW` with its defaults (no fused or foreach argument), matrices decayed and
-    gains and biases not;
+  - `torch.optim.AdamW` with its defaults (no fused or foreach argument; fused on request, as
+    nanoGPT asks for on CUDA), matrices decayed and gains and biases not;
   - `get_batch`: a memmap opened, sliced into windows, stacked and copied on every call, on the
     caller's thread;
   - nanoGPT's dtype policy: fp32 on a CPU; bf16 autocast on a GPU that has it, else fp16 with a
@@ -125,14 +125,16 @@ class ReferenceGPT(nn.Module):
         return logits, loss
 
 
-def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: float, betas) -> torch.optim.AdamW:
-    """nanoGPT's groups (2-D and larger decayed) and torch's AdamW with its default implementation."""
+def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: float, betas,
+                        fused: bool = False) -> torch.optim.AdamW:
+    """nanoGPT's groups (2-D and larger decayed) and torch's AdamW: with its default
+    implementation, or fused (what nanoGPT's configure_optimizers asks for on CUDA)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
 def get_batch(path, batch_size: int, block_size: int, device: torch.device, generator=None):

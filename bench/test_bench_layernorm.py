@@ -7,8 +7,8 @@ Providers, measured in the same run so their ratio means something:
   eager      torch.nn.functional.layer_norm
   compiled   torch.compile(F.layer_norm): inductor's generated kernels
 
-On CUDA, forward and forward+backward are also timed from a CUDA graph (timing "graph": the
-same round of calls captured once and replayed), which is the GPU's time for the kernels alone:
+On CUDA, forward and forward+backward are also timed from a CUDA graph (timing "graph": one
+call captured once and replayed once per call), which is the GPU's time for the kernels alone:
 a (16384, 768) LayerNorm takes tens of microseconds on an H100, less than the Python that
 launches it, so wall time ("wall") measures the host as much as the kernel. Both are reported.
 
@@ -21,7 +21,9 @@ Modes, one benchmark group each: forward (with autograd recording, as in trainin
 
 At size "gpu" (bench/harness.py): (16384, 768) in bf16, GPT-2 small's width over 16 sequences of
 1024 tokens. A round is CALLS_PER_ROUND back-to-back calls (on CUDA) and one synchronize, so the
-GPU runs ahead of Python as it does in training; the benchmark's own stats are per round, `extra_info` has ms per call and GB/s.
+GPU runs ahead of Python as it does in training; pytest-benchmark times them as CALLS_PER_ROUND
+iterations of one call, so its stats, the results file, the ratio table and
+scripts/bench_targets.py all show the same number: time per call. `extra_info` adds GB/s.
 
 Without CUDA the triton provider is skipped: Triton's CPU interpreter runs kernels in numpy, a
 correctness tool, not a performance number. The torch providers then run on (2048, 768) in fp32,
@@ -33,16 +35,21 @@ and partial sums are left out. The same count serves every provider: it is the w
 bandwidth, not the traffic each implementation happens to generate.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import CUDA, LARGE
+from bench.harness import CUDA, LARGE, sync
 
 DEVICE = "cuda" if CUDA else "cpu"
 ROWS, COLS, DTYPE = (16384, 768, torch.bfloat16) if LARGE else (2048, 768, torch.float32)
 CALLS_PER_ROUND = 10 if CUDA else 1
 ROUNDS, WARMUP_ROUNDS = (50, 5) if LARGE else (20, 3)
+# Calls on a side stream before a CUDA graph capture (torch.cuda.graphs' recipe warms up a few):
+# lazy initialisation (cuBLAS handles, autograd's buffers) must not happen inside the capture.
+GRAPH_WARMUP_CALLS = 3
 EPS = 1e-5
 BYTES_PER_ELEMENT = {"forward": 2, "backward": 3, "forward+backward": 5}  # times e, the element size
 PROVIDERS = ["triton", "eager", "compiled"]
@@ -62,8 +69,8 @@ def layer_norm_for(provider: str):
 
 
 def build(provider: str, mode: str, timing: str = "wall"):
-    """A function doing CALLS_PER_ROUND calls of `mode` (replayed from a CUDA graph when timing
-    is "graph") and waiting for them."""
+    """A function doing one call of `mode` (replayed from a CUDA graph when timing is "graph")
+    that waits for the GPU on every CALLS_PER_ROUND-th call, the end of a round."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(ROWS, COLS, generator=g) * 2 + 0.5).to(DEVICE, DTYPE).requires_grad_()
     w = (1 + 0.1 * torch.randn(COLS, generator=g)).to(DEVICE, DTYPE).requires_grad_()
@@ -80,46 +87,49 @@ def build(provider: str, mode: str, timing: str = "wall"):
     else:
         call = lambda: torch.autograd.grad(fn(*inputs), inputs, dy)  # noqa: E731
 
-    def calls():
-        for _ in range(CALLS_PER_ROUND):
-            call()
-
-    calls()  # compile (torch.compile, Triton) outside the timed rounds
+    call()  # compile (torch.compile, Triton) outside the timed rounds
     if timing == "graph":
-        calls = graphed(calls)
+        call = graphed(call)
+    calls = itertools.count(1)
 
-    def round_of_calls():
-        calls()
-        if CUDA:
-            torch.cuda.synchronize()  # CPU-GPU sync: the round ends when the GPU is done
+    def timed_call():
+        call()
+        if next(calls) % CALLS_PER_ROUND == 0:
+            sync()  # CPU-GPU sync: once a round, so within it the GPU runs ahead of Python
 
-    return round_of_calls
+    return timed_call
 
 
-def graphed(calls):
-    """calls() captured once into a CUDA graph; returns its replay. torch.cuda.graphs' recipe:
+def graphed(call):
+    """call() captured once into a CUDA graph; returns its replay. torch.cuda.graphs' recipe:
     warm up on a side stream, then capture. The autograd graph is built inside the capture too
     (forward+backward), so the backward runs on the capturing stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        calls()
+        for _ in range(GRAPH_WARMUP_CALLS):
+            call()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        calls()
+        call()
     return graph.replay
 
 
+def time_calls(benchmark, provider: str, mode: str, timing: str) -> None:
+    """pytest-benchmark's stats per call: each round is CALLS_PER_ROUND iterations of one call."""
+    benchmark.pedantic(build(provider, mode, timing), rounds=ROUNDS, iterations=CALLS_PER_ROUND,
+                       warmup_rounds=WARMUP_ROUNDS)
+
+
 def record(benchmark, mode: str, **extra) -> None:
-    seconds_per_call = benchmark.stats.stats.median / CALLS_PER_ROUND
+    seconds = benchmark.stats.stats.median  # a call's: pytest-benchmark divides by the iterations
     nbytes = BYTES_PER_ELEMENT[mode] * ROWS * COLS * DTYPE.itemsize
     benchmark.extra_info.update(
         suite="layer_norm", shape=[ROWS, COLS],
         dtype=str(DTYPE).removeprefix("torch."),
         calls_per_round=CALLS_PER_ROUND,
-        ms_per_call=round(seconds_per_call * 1e3, 4),
-        gb_per_s=round(nbytes / seconds_per_call / 1e9, 1),
+        gb_per_s=round(nbytes / seconds / 1e9, 1),
         **extra,
     )
 
@@ -133,7 +143,7 @@ def test_layer_norm(benchmark, provider, mode, timing):
     if timing == "graph" and mode == "backward":
         pytest.skip("backward alone reuses a forward made outside the capture; timed as wall only")
     benchmark.group = f"layer_norm {mode} {timing} ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')} {DEVICE}"
-    benchmark.pedantic(build(provider, mode, timing), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    time_calls(benchmark, provider, mode, timing)
     record(benchmark, mode)
 
 
@@ -148,7 +158,7 @@ def test_layer_norm_backward_grid(benchmark, monkeypatch, resident_warps):
 
     monkeypatch.setattr(ln, "BWD_RESIDENT_WARPS", resident_warps)
     benchmark.group = f"layer_norm backward grid ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')}"
-    benchmark.pedantic(build("triton", "forward+backward", "graph"), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    time_calls(benchmark, "triton", "forward+backward", "graph")
     _, warps = ln._launch_config(COLS)
     programs, rows_per_program = ln.backward_grid(ROWS, warps, ln._sm_count(torch.device(DEVICE)))
     record(benchmark, "forward+backward", resident_warps=resident_warps, programs=programs,

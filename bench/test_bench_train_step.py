@@ -10,15 +10,20 @@ Providers:
              background prefetcher
   reference  nanoGPT's loop in plain PyTorch: eager, full logits, torch.optim.AdamW's default
              implementation, synchronous get_batch from the memmap
+  reference-compiled
+             the same under torch.compile with torch's fused AdamW: what nanoGPT's train.py runs
+             on CUDA by default (compile=True; configure_optimizers asks for fused on CUDA), so
+             the baseline to beat there. Skipped on a CPU: inductor's CPU compile of the model
+             outlasts bench/'s CPU budget
 
 Shapes: "default" is configs/shakespeare_char.py's model and batch (vocabulary 84 padded to
 128); "gpt2" is GPT-2 124M (vocab 50304, no biases), batch 4 x 256 at size "cpu" and 16 x 1024
 at size "gpu". The dtype is nanoGPT's policy for the device (fp32 on a CPU, bf16 on a GPU that has
-it) for both providers. Gradient clipping at 1.0, as both trainers do by default.
+it) for every provider. Gradient clipping at 1.0, as both trainers do by default.
 
-Both providers run in this one process, which they share (the heap the first grew, fastgpt's
-allocator setting): for a verdict run each alone, e.g. `-k "reference and gpt2"` then
-`-k "fastgpt and gpt2"`, and read both from the results file.
+The providers run in this one process, which they share (the heap the first grew, fastgpt's
+allocator setting): for a verdict run each alone, e.g. `-k reference-gpt2`, then
+`-k reference-compiled-gpt2`, then `-k fastgpt-gpt2`, and read them from the results file.
 
 extra_info: tokens_per_s, mfu (the PaLM count, 6N + 12 L C T FLOPs a token, against the
 datasheet peak on a GPU and this machine's measured matmul peak on a CPU) and peak_mb (memory one
@@ -98,12 +103,13 @@ def fastgpt_step(fields, batch_size, dtype, path, cleanup):
     return step, model, kernels.ops.name
 
 
-def reference_step(fields, batch_size, dtype, path):
+def reference_step(fields, batch_size, dtype, path, compiled: bool):
     torch.manual_seed(0)
     model = reference.ReferenceGPT(reference.ReferenceConfig(**fields, dropout=0.0, bias=False)).to(DEVICE)
-    opt = reference.configure_optimizer(model, WEIGHT_DECAY, LR, BETAS)
+    opt = reference.configure_optimizer(model, WEIGHT_DECAY, LR, BETAS, fused=compiled)
+    forward = torch.compile(model) if compiled else model  # nanoGPT compiles after building the optimizer
     inner = reference.make_train_step(
-        model, opt, lambda: reference.get_batch(path, batch_size, fields["block_size"], DEVICE), DEVICE, dtype,
+        forward, opt, lambda: reference.get_batch(path, batch_size, fields["block_size"], DEVICE), DEVICE, dtype,
         grad_clip=GRAD_CLIP)
 
     def step():
@@ -113,11 +119,13 @@ def reference_step(fields, batch_size, dtype, path):
     return step
 
 
-# The reference runs first: fastgpt's CPU allocator setting (fastgpt.runtime.keep_freed_memory)
+# The references run first: fastgpt's CPU allocator setting (fastgpt.runtime.keep_freed_memory)
 # cannot be undone, and lasts for the rest of the process.
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("provider", ["reference", "fastgpt"])
+@pytest.mark.parametrize("provider", ["reference", "reference-compiled", "fastgpt"])
 def test_train_step(benchmark, provider, shape, token_file):
+    if provider == "reference-compiled" and DEVICE.type != "cuda":
+        pytest.skip("reference-compiled is a GPU baseline; inductor's CPU compile outlasts the CPU budget of bench/")
     fields, batch_size = SHAPES[shape]
     dtype = reference.nanogpt_dtype(DEVICE)
     cleanup = []
@@ -126,7 +134,8 @@ def test_train_step(benchmark, provider, shape, token_file):
             step, model, kernels = fastgpt_step(fields, batch_size, dtype, token_file, cleanup)
             flops_per_token = model.flops_per_token()
         else:
-            step, kernels = reference_step(fields, batch_size, dtype, token_file), "reference"
+            compiled = provider == "reference-compiled"
+            step, kernels = reference_step(fields, batch_size, dtype, token_file, compiled), provider
             with torch.device("meta"):  # the same architecture, so the same count; no weights needed
                 flops_per_token = GPT(GPTConfig(**fields, bias=False)).flops_per_token()
         warmup, rounds = ROUNDS[shape]

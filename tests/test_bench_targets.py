@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import re
 import sys
 
 import pytest
@@ -64,7 +65,8 @@ def test_cli_merges_reports_and_prints_every_target(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"skipping {cut_off}" in out and "2 report(s) (gpu-box)" in out
     assert out.count(" met") == 4 and out.count("MISSED") == 3 and out.count("not measured") == 2
-    assert "test_layer_norm[triton-forward+backward-graph]" in out
+    # the medians as pytest-benchmark holds them (per call in every benchmark), in ms
+    assert re.search(r"test_layer_norm\[triton-forward\+backward-graph\] +1000\.000 ", out)
     assert json.loads(merged.read_text())["benchmarks"] == benches
     with pytest.raises(SystemExit):
         bench_targets.main([])
@@ -83,9 +85,3 @@ def test_finished_benchmarks_of_a_run_cut_off_count_once(tmp_path, capsys):
     assert bench_targets.main(["--merge", str(merged), str(complete), str(lines)]) == 0
     assert json.loads(merged.read_text())["benchmarks"] == benches
     assert capsys.readouterr().out.count("MISSED") == 3
-
-
-def test_layer_norm_medians_are_shown_per_call():
-    bench = {"name": "test_layer_norm[triton]", "stats": {"median": 0.01}, "extra_info": {"ms_per_call": 1.0}}
-    assert bench_targets.median_ms(bench) == 1.0
-    assert bench_targets.median_ms({"name": "x", "stats": {"median": 0.01}}) == 10.0

@@ -1,18 +1,27 @@
 """bench/reference.py, the benchmarks' independent nanoGPT-style GPT, as an oracle: with the same
-weights, fastgpt's model gives the same logits, loss and gradients (fp32, tight tolerances)."""
+weights, fastgpt's model gives the same logits, loss and gradients (fp32, tight tolerances). And
+bench/reference_train.py, nanoGPT's loop over it, as gpu_check.sh runs it."""
 
 from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from bench import reference
+from bench import reference, reference_train
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.ops import choose_kernels
 
 # fp32 on both sides, the same math in a different order: rounding differences only.
 TOL = dict(rtol=1e-5, atol=1e-6)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# scripts/gpu_check.sh reads fastgpt's and the reference trainer's log lines with this
+LOG_LINE = re.compile(r"^iter (\d+):.* ([\d,]+) tok/s")
 
 
 def pair(bias: bool, kernels: str = "torch", vocab: int = 67, block: int = 24):
@@ -107,3 +116,58 @@ def test_reference_train_step_learns_and_get_batch_reads_windows(tmp_path):
     for _ in range(60):
         last = step().item()
     assert first > 3.0 and last < 0.5 * first
+
+
+def counting_tokens(path: pathlib.Path, n: int = 5000) -> None:
+    """uint16 tokens where the next is the current + 1 (mod 31): a model learns it in seconds."""
+    (np.arange(n) % 31).astype(np.uint16).tofile(path)
+
+
+def test_reference_trainer_logs_what_gpu_check_parses_and_learns(tmp_path):
+    counting_tokens(tmp_path / "train.bin")
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=32", "--block_size=16", "--batch_size=8",
+            "--gradient_accumulation_steps=2", "--max_iters=42", "--log_interval=10", "--learning_rate=1e-2",
+            "--warmup_iters=5", "--compile=False", "--dtype=float32", "--device=cpu"]
+    out = subprocess.run([sys.executable, "-m", "bench.reference_train", f"--data_dir={tmp_path}", *tiny],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if LOG_LINE.match(line)]
+    assert [int(LOG_LINE.match(line)[1]) for line in lines] == [10, 20, 30, 40, 42]  # and the last iteration
+    for line in lines:
+        assert re.fullmatch(r"iter \d+: loss \d+\.\d{4}, \d+\.\d ms/iter, [\d,]+ tok/s", line), line
+        ms, tok_s = re.search(r"([\d.]+) ms/iter, ([\d,]+) tok/s", line).groups()
+        # tokens an iteration (2 x 8 x 16) over the window's mean time an iteration
+        assert int(tok_s.replace(",", "")) == pytest.approx(2 * 8 * 16 / (float(ms) / 1e3), rel=0.05, abs=2)
+    losses = [float(re.search(r"loss ([\d.]+)", line)[1]) for line in lines]
+    assert losses[0] > 1.0 and losses[-1] < 0.5 * losses[0]
+    assert "peak memory" not in out.stdout  # CUDA only
+
+
+def test_reference_trainer_refuses_bad_input_in_one_line(tmp_path, capsys):
+    assert reference_train.main([f"--data_dir={tmp_path}", "--device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no {tmp_path / 'train.bin'}") and err.count("\n") == 1
+    counting_tokens(tmp_path / "train.bin", n=100)
+    assert reference_train.main([f"--data_dir={tmp_path}", "--device=cpu", "--block_size=128"]) == 2
+    assert "holds 100 tokens" in capsys.readouterr().err
+    assert reference_train.main([f"--data_dir={tmp_path}", "--device=cpu", "--max_iters=0"]) == 2
+    assert capsys.readouterr().err == "error: --max_iters=0 must be at least 1\n"
+
+
+def test_reference_trainer_follows_nanogpt_schedule_and_dtypes(monkeypatch):
+    args = reference_train.parse_args(["--data_dir=x"])
+    assert (args.learning_rate, args.beta1, args.beta2, args.weight_decay, args.grad_clip) == (6e-4, 0.9, 0.95, 0.1, 1.0)
+    assert args.min_lr == pytest.approx(6e-5)  # learning_rate / 10
+    assert (args.compile, args.bias, args.dropout, args.dtype) == (True, False, 0.0, "bfloat16")
+    lr = lambda it: reference_train.get_lr(it, 6e-4, 10, 30, 6e-5)  # noqa: E731
+    assert lr(0) == pytest.approx(6e-4 / 11) and lr(9) == pytest.approx(6e-4 * 10 / 11)
+    assert lr(10) == pytest.approx(6e-4) and lr(20) == pytest.approx(3.3e-4) and lr(30) == pytest.approx(6e-5)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert reference_train.train_dtype("bfloat16", cpu) is torch.float32  # nanoGPT's autocast is off on a CPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert reference_train.train_dtype("bfloat16", gpu) is torch.float16  # with a GradScaler
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert reference_train.train_dtype("bfloat16", gpu) is torch.bfloat16
+    assert reference_train.train_dtype("float32", gpu) is torch.float32
+    with pytest.raises(SystemExit):
+        reference_train.parse_args(["--data_dir=x", "--compile=yes"])
