@@ -42,6 +42,7 @@ Losses in Large-Vocabulary Language Models" (never materialising the logits).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -144,13 +145,24 @@ def weight_grad_method(dtype: torch.dtype, device_type: str, fp32_out_matmul: bo
     return "upcast" if dtype == torch.float16 else "add"
 
 
-def _fp32_out_matmul() -> bool:
-    return hasattr(torch.ops.aten.addmm, "dtype")
+@functools.cache
+def _fp32_out_matmul(device: torch.device) -> bool:
+    """Whether this torch's addmm takes half inputs to an fp32 output on `device`: tried once on
+    two tiny matrices, since the overload's presence (torch 2.8+) does not say which devices and
+    argument dtypes it was built for."""
+    if device.type != "cuda" or not hasattr(torch.ops.aten.addmm, "dtype"):
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        torch.addmm(torch.zeros(2, 2, device=device), a, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _add_weight_grad(grad_weight: Tensor, z: Tensor, h_chunk: Tensor) -> Tensor:
     """grad_weight + z.T @ h_chunk, in place where the method allows; returns the sum."""
-    method = weight_grad_method(z.dtype, z.device.type, _fp32_out_matmul())
+    method = weight_grad_method(z.dtype, z.device.type, z.dtype != torch.float32 and _fp32_out_matmul(z.device))
     if method == "addmm":
         return grad_weight.addmm_(z.T, h_chunk)
     if method == "addmm_fp32":

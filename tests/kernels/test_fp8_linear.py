@@ -124,3 +124,24 @@ def test_where_fp8_runs(device_type, capability, ok):
     assert (why is None) == ok
     if device_type == "cuda" and not ok:
         assert "A100" in why and "8.9" in why
+
+
+def test_compiles_into_the_head_and_loss():
+    """The model runs the fp8 head under torch.compile (fullgraph): the same loss and gradients
+    as eager."""
+    import torch.nn.functional as F
+
+    def head_loss(x, w, t):
+        return F.cross_entropy(f8.fp8_linear(x, w, out_dtype=torch.bfloat16).float(), t)
+
+    torch._dynamo.reset()
+    x, w, _ = inputs()
+    t = torch.randint(0, 80, (48,), device=DEVICE)
+    results = []
+    for fn in (head_loss, torch.compile(head_loss, fullgraph=True)):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(xg, wg, t)
+        loss.backward()
+        results.append((loss, xg.grad, wg.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, **SAME_VALUES_TOL)
