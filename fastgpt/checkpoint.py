@@ -341,4 +341,12 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        states = cuda_states_to_restore(state["cuda"], torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([s.cpu() for s in states])
+
+
+def cuda_states_to_restore(saved: list, device_count: int) -> list:
+    """The saved per-GPU generator states that this machine has GPUs for, in device order: a
+    checkpoint saved where more GPUs were visible carries states for devices that are not here
+    (set_rng_state_all fails on them); with fewer saved, the other GPUs keep their seeded state."""
+    return list(saved[:device_count])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fastgpt.dataformat import TOKEN_DTYPE
+from fastgpt.distributed import indexed_device
 from fastgpt.tokenizer import DataError  # defined with the meta.pkl reader, the lowest module that reads a dataset
 
 # Scan for the largest token id this many tokens at a time (128 MiB of uint16), so validating a
@@ -186,7 +187,9 @@ class Prefetcher:
 
     def __init__(self, stream: BatchStream, device: torch.device | str, depth: int = 2):
         self.stream = stream
-        self.device = torch.device(device)
+        # The GPU is named here, on the caller's thread: the worker's set_device needs an index,
+        # and the worker thread's own current device is always cuda:0.
+        self.device = indexed_device(device)
         self.depth = depth
         self.consumed = stream.i
         self._thread: threading.Thread | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,18 +45,38 @@ class LaunchError(ValueError):
     """A setting that does not fit the number of ranks torchrun started."""
 
 
+def indexed_device(device: torch.device | str, current_index: Callable[[], int] | None = None) -> torch.device:
+    """`device` with its GPU named: an index-less 'cuda' becomes cuda:N, N the current device
+    (`current_index()`, default torch.cuda.current_device, asked only then). torch.cuda.set_device,
+    and so a worker thread that must use the caller's GPU, refuses an index-less device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", (current_index or torch.cuda.current_device)())
+    return device
+
+
+def rank_placement(device: torch.device, backend: str,
+                   local_rank: int) -> tuple[torch.device, str, torch.device | None]:
+    """(this rank's device, the backend, the device_id to bind the process group to). On CUDA
+    each rank of a node takes GPU local_rank, and NCCL's communicator is bound to it at once
+    (without a device_id NCCL guesses the GPU from the global rank, which torch warns can hang);
+    elsewhere the backend is gloo (NCCL needs GPUs), bound to no device."""
+    if device.type != "cuda":
+        return device, "gloo", None
+    device = torch.device("cuda", local_rank)
+    return device, backend, device if backend == "nccl" else None
+
+
 def setup(device: torch.device, backend: str, timeout_s: int) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes and return this rank's device (its own GPU
     under CUDA); a no-op for a plain `python -m` run."""
     if not launched_by_torchrun():
         return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    device, backend, device_id = rank_placement(device, backend, info.local_rank)
     if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
-    else:
-        backend = "gloo"  # NCCL needs GPUs
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
     return info, device
 
 
@@ -106,7 +127,14 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.
     """Wrap in DDP (after torch.compile, as nanoGPT and the DDP docs do) when there are ranks."""
     if not info.enabled:
         return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(model, device_ids=ddp_device_ids(device))
+
+
+def ddp_device_ids(device: torch.device) -> list[int] | None:
+    """DDP's device_ids: the one GPU this rank's module lives on, or None for a CPU module."""
+    if device.type != "cuda":
+        return None
+    return [indexed_device(device).index]
 
 
 def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:

@@ -19,6 +19,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import sys
 import time
 
@@ -28,23 +29,28 @@ import torch
 from fastgpt.assets import atomic_writer, cache_dir
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s from the vendors' datasheets, for bf16/fp16 and
-# for fp32 matmuls (which run as TF32 where torch allows it, as fastgpt sets). The first name
-# contained in torch.cuda.get_device_name() wins, so the more specific names come first.
-GPU_PEAK_FLOPS = (
-    # name,          bf16/fp16,  fp32 (TF32)
-    ("H200", 989e12, 494e12),
-    ("H100 PCIe", 756e12, 378e12),
-    ("H100", 989e12, 494e12),  # SXM
-    ("A100", 312e12, 156e12),
-    ("A10G", 70e12, 35e12),  # AWS's A10G (not NVIDIA's A10 datasheet)
-    ("A10", 125e12, 62.5e12),
-    ("L40S", 362e12, 183e12),
-    ("L4", 121e12, 60e12),
-    ("RTX 4090", 165e12, 82.6e12),
-    ("RTX 3090", 71e12, 35.6e12),
-    ("V100", 125e12, 15.7e12),  # fp16 tensor cores; no bf16, no TF32
-    ("T4", 65e12, 8.1e12),
-)
+# for fp32 matmuls (which run as TF32 where torch allows it, as fastgpt sets), per GPU class. A
+# class is recognised by whole words of torch.cuda.get_device_name() ("NVIDIA L40" is not an L4),
+# and the class naming the most words wins ("NVIDIA H100 NVL" is an H100 NVL, not an H100 SXM).
+GPU_PEAK_FLOPS = {
+    # class: (words of its device name, bf16/fp16, fp32 (TF32))
+    "H200": (("H200",), 989e12, 494e12),  # SXM
+    "H200 NVL": (("H200", "NVL"), 835e12, 418e12),
+    "GH200": (("GH200",), 989e12, 494e12),
+    "H100 SXM": (("H100",), 989e12, 494e12),  # torch names it "NVIDIA H100 80GB HBM3"
+    "H100 PCIe": (("H100", "PCIe"), 756e12, 378e12),
+    "H100 NVL": (("H100", "NVL"), 835e12, 418e12),
+    "A100": (("A100",), 312e12, 156e12),  # SXM and PCIe alike
+    "A10G": (("A10G",), 70e12, 35e12),  # AWS's A10G (not NVIDIA's A10 datasheet)
+    "A10": (("A10",), 125e12, 62.5e12),
+    "L40S": (("L40S",), 362e12, 183e12),
+    "L40": (("L40",), 181e12, 90.5e12),
+    "L4": (("L4",), 121e12, 60e12),
+    "RTX 4090": (("RTX", "4090"), 165e12, 82.6e12),
+    "RTX 3090": (("RTX", "3090"), 71e12, 35.6e12),
+    "V100": (("V100",), 125e12, 15.7e12),  # fp16 tensor cores; no bf16, no TF32
+    "T4": (("T4",), 65e12, 8.1e12),
+}
 # CPU peak measurement: square matmuls this large reach the BLAS's steady state on a laptop or a
 # server; run untimed for a while first (clocks and the thread pool ramp up), then repeated for at
 # least CPU_PEAK_SECONDS, best rate kept (the least disturbed run): on a shared VM single runs
@@ -60,12 +66,21 @@ METRICS_FILE = "metrics.jsonl"
 ETA_BETA = 0.99
 
 
+def gpu_class(device_name: str) -> str | None:
+    """The GPU_PEAK_FLOPS class of a torch.cuda.get_device_name() ("NVIDIA H100 PCIe" -> "H100
+    PCIe"), or None for a GPU not listed."""
+    words = set(re.findall(r"[a-z0-9]+", device_name.lower()))
+    known = [name for name, (needs, _, _) in GPU_PEAK_FLOPS.items() if {w.lower() for w in needs} <= words]
+    return max(known, key=lambda name: len(GPU_PEAK_FLOPS[name][0]), default=None)
+
+
 def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     """Datasheet peak of a known GPU for this autocast dtype, or None if the GPU is not listed."""
-    for name, half, fp32 in GPU_PEAK_FLOPS:
-        if name in device_name:
-            return half if dtype in (torch.bfloat16, torch.float16) else fp32
-    return None
+    name = gpu_class(device_name)
+    if name is None:
+        return None
+    _, half, fp32 = GPU_PEAK_FLOPS[name]
+    return half if dtype in (torch.bfloat16, torch.float16) else fp32
 
 
 def measure_matmul_flops(dtype: torch.dtype, size: int = CPU_PEAK_MATMUL_SIZE, seconds: float = CPU_PEAK_SECONDS) -> float:

@@ -8,6 +8,7 @@ import platform
 
 import torch
 
+from fastgpt.distributed import indexed_device
 from fastgpt.metrics import cpuinfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,10 +29,11 @@ class RuntimeConfigError(ValueError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda, else mps, else cpu; an explicit device must exist."""
+    """'auto' -> cuda, else mps, else cpu; an explicit device must exist. A GPU comes back with
+    its index ('cuda' -> cuda:N, the current device), so the log names the one in use."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return indexed_device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -51,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
         )
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RuntimeConfigError(f"device={name!r} but MPS is not available here; use --device=cpu or 'auto'")
-    return device
+    return indexed_device(device)
 
 
 def cpu_flags() -> set[str]:

@@ -76,7 +76,9 @@ class StopVote:
         if not self.enabled:
             return self.stop.received is not None
         decided = self._result() if self._pending else False
-        flag = torch.tensor([float(self.stop.received is not None)], device=self.device)
+        # A fill, not torch.tensor([...], device=...): copying a host value to a GPU waits for
+        # everything queued on the stream, a whole step, which this vote exists to avoid.
+        flag = torch.full((1,), float(self.stop.received is not None), device=self.device)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         host, event = flag, None
         if self.device.type == "cuda":  # copy out behind the reduction, and wait later for only that

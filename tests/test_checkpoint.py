@@ -173,3 +173,20 @@ def test_init_from_auto_starts_fresh_then_resumes(tmp_path, tiny_data):
     second = train(tiny_config(tmp_path, data_root, max_iters=6, eval_interval=2, init_from="auto"))
     assert second.iter_num == 6 and len(second.history["eval"]) == 1  # evaluated 6 only, not 4 again
     assert [it for it, _ in ckpt_io.numbered_checkpoints(tmp_path / "out")] == [4, 6]
+
+
+@pytest.mark.parametrize("saved, gpus, restored", [(8, 1, 1), (8, 2, 2), (2, 2, 2), (2, 8, 2), (1, 0, 0)])
+def test_cuda_generator_states_are_restored_for_the_gpus_present(saved, gpus, restored):
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(saved)]
+    assert ckpt_io.cuda_states_to_restore(states, gpus) == states[:restored]
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_ones_here(monkeypatch):
+    """Through a stand-in torch.cuda with one GPU (tests/test_cuda.py restores on real GPUs)."""
+    given = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", given.extend)
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    ckpt_io.set_rng_state({"torch": torch.get_rng_state(), "cuda": states})
+    assert len(given) == 1 and torch.equal(given[0], states[0])

@@ -43,6 +43,16 @@ def test_prefetched_batches_equal_the_stream(prefetchers):
         assert torch.equal(x, xy[:, :-1]) and torch.equal(y, xy[:, 1:])
 
 
+def test_an_index_less_gpu_is_named_when_the_prefetcher_is_made(monkeypatch):
+    """On the caller's thread, whose current GPU the worker thread (current device: cuda:0)
+    cannot know; the worker's set_device refuses an index-less 'cuda' (tests/test_cuda.py
+    draws batches on a GPU)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert Prefetcher(stream(), "cuda").device == torch.device("cuda", 2)
+    assert Prefetcher(stream(), torch.device("cuda", 1)).device == torch.device("cuda", 1)
+    assert Prefetcher(stream(), "cpu").device == torch.device("cpu")
+
+
 def test_ranks_draw_different_windows_that_together_make_one_process_batch(prefetchers):
     single = prefetchers(stream(batch_size=8))
     r0, r1 = prefetchers(stream(rank=0, world_size=2)), prefetchers(stream(rank=1, world_size=2))

@@ -311,6 +311,33 @@ def test_changing_lr_changes_no_kernel_argument(monkeypatch):
     assert all(isinstance(a, torch.Tensor) for a in first[1])
 
 
+def test_gradients_set_to_none_and_made_elsewhere_each_step():
+    """The trainer's zero_grad(set_to_none=True): every backward allocates new gradients, and
+    here they land at new addresses each step (the old ones are held), so the cached launch
+    tables are rebuilt and, on CUDA, uploaded from pinned memory without a sync while the last
+    launch may still be reading the previous ones. Each step must still match torch's."""
+    params = make_params(torch.float32)
+    reference = clone_params(params)
+    opt, ref_opt = ours(params), torchs(reference)
+    held, previous = [], None
+    for step, grads in enumerate(make_grads(torch.float32)[:6]):
+        for o in (opt, ref_opt):
+            o.zero_grad(set_to_none=True)
+            for group in o.param_groups:
+                group["lr"] = cosine_lr(step)
+        held += [torch.empty_like(p) for p in params]  # sit where the freed gradients were
+        for ps in (params, reference):
+            sum((p * g).sum() for p, g in zip(ps, grads) if g is not None).backward()  # grad = g
+        addresses = tuple(p.grad.data_ptr() for p in params if p.grad is not None)
+        assert addresses != previous
+        previous = addresses
+        opt.step()
+        ref_opt.step()
+        for p, r in zip(params, reference):
+            torch.testing.assert_close(p, r, **PARAM_TOLERANCES[torch.float32])
+    assert_same_state(opt, params, ref_opt, reference)
+
+
 # ---------------------------------------------------------------------------------------------
 # State dicts, both ways with torch.optim.AdamW
 
