@@ -10,9 +10,12 @@ import torch
 from kernels import fp8_linear as f8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# fp32 accumulation of the same fp8 products, in another order (and, forward, Hopper's fast fp8
-# accumulation on a GPU): a scale applied twice or not at all is off by orders of magnitude.
-SAME_VALUES_TOL = dict(rtol=2e-3, atol=1e-5) if DEVICE == "cuda" else dict(rtol=1e-5, atol=1e-6)
+# ||result - reference|| / ||reference|| for the same fp8 values: fp32 accumulation in another
+# order on a CPU; on a GPU, Hopper's fp8 tensor cores keep partial sums to fewer bits than fp32
+# (seen on an H200: 1e-4 of the result's norm, a few elements near zero off by 25% each), so
+# the GPU is held to the norm, not element by element. A scale applied twice or not at all, or a
+# transposed operand, is off by the whole norm.
+SAME_VALUES_REL = 1e-3 if DEVICE == "cuda" else 1e-6
 # ||fp8 result - fp32 result|| / ||fp32 result|| over random inputs: e4m3 rounds each element by up
 # to 2^-4 (e5m2 the gradient by 2^-3), about 3% (5%) of a dot product's norm; a transposed operand
 # or a wrong scale gives ~1 or more.
@@ -54,7 +57,7 @@ def test_forward_is_the_fp8_values_product():
     x, w, _ = inputs()
     y = f8.fp8_linear(x, w)
     assert y.dtype == x.dtype and y.shape == (48, 80)
-    torch.testing.assert_close(y, f8.fp8_linear_reference(x, w), **SAME_VALUES_TOL)
+    assert rel_error(y, f8.fp8_linear_reference(x, w)) < SAME_VALUES_REL
     assert rel_error(y, x @ w.t()) < FORWARD_REL
 
 
@@ -66,8 +69,8 @@ def test_backward_is_the_fp8_values_product():
     w8, sw = f8.to_fp8(w, f8.E4M3)
     g8, sg = f8.to_fp8(dy, f8.E5M2)
     x_q, w_q, g_q = x8.float() * sx, w8.float() * sw, g8.float() * sg
-    torch.testing.assert_close(xg.grad, g_q @ w_q, **SAME_VALUES_TOL)
-    torch.testing.assert_close(wg.grad, g_q.t() @ x_q, **SAME_VALUES_TOL)
+    assert rel_error(xg.grad, g_q @ w_q) < SAME_VALUES_REL
+    assert rel_error(wg.grad, g_q.t() @ x_q) < SAME_VALUES_REL
     assert xg.grad.dtype == wg.grad.dtype == torch.float32
     assert rel_error(xg.grad, dy @ w) < BACKWARD_REL
     assert rel_error(wg.grad, dy.t() @ x) < BACKWARD_REL
@@ -126,9 +129,16 @@ def test_where_fp8_runs(device_type, capability, ok):
         assert "A100" in why and "8.9" in why
 
 
+# Compiled and eager compute the loss's gradient in other orders, and a last-bit difference in
+# an element next to a rounding boundary of e5m2 moves it a whole step (25%): on an H200 9% of
+# dx's elements differed, by 2% of its norm. A wrong cast or scale in the compiled graph is off
+# by the whole norm.
+COMPILED_REL = 0.05 if DEVICE == "cuda" else 1e-6
+
+
 def test_compiles_into_the_head_and_loss():
-    """The model runs the fp8 head under torch.compile (fullgraph): the same loss and gradients
-    as eager."""
+    """The model runs the fp8 head under torch.compile (fullgraph): the loss and gradients of
+    eager, to the rounding of the quantized gradient."""
     import torch.nn.functional as F
 
     def head_loss(x, w, t):
@@ -144,4 +154,4 @@ def test_compiles_into_the_head_and_loss():
         loss.backward()
         results.append((loss, xg.grad, wg.grad))
     for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, **SAME_VALUES_TOL)
+        assert rel_error(compiled, eager) < COMPILED_REL
