@@ -76,6 +76,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def compiles(setting: bool | str, device: torch.device) -> bool:
+    """Whether the run torch.compiles its model: True, False, or 'auto' = on CUDA only (on a CPU
+    inductor's compile outlasts what it saves in a short run)."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for the forward pass; a no-op context in fp32."""
     if dtype is torch.float32:

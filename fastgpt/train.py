@@ -38,7 +38,8 @@ from fastgpt.plot import save_plot
 from fastgpt.pretrained import PretrainedError
 from fastgpt.profiling import StepProfiler
 from fastgpt.rundir import RunDirError, begin_run, check_free_space, check_writable, run_record
-from fastgpt.runtime import RuntimeConfigError, autocast, configure_backends, grad_scaler, resolve_device, resolve_dtype
+from fastgpt.runtime import (RuntimeConfigError, autocast, compiles, configure_backends, grad_scaler, resolve_device,
+                             resolve_dtype)
 from fastgpt.start import adopt_shape, build_model, resolve_start
 from fastgpt.start import describe as describe_start
 from fastgpt.stopping import LossWatch, NonFiniteLossError, StopSignal, StopVote
@@ -173,7 +174,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
 
     # ---------------------------------------------------------------- compile, DDP
     raw_model = model  # checkpoints hold the uncompiled, unwrapped module's state dict
-    if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
+    if compiles(cfg.compile, device):
         log("compiling the model (the first step takes longer)")
         model = torch.compile(model)
     model = distributed.wrap(model, dist_info, device)

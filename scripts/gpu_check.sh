@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one GPU report: everything fastgpt can only check on a GPU, in sections a cold H100/H200
-# runs in about 12 minutes in all (torch.compile of GPT-2 takes 15-50 s a run there, so each
-# training run is capped at 150 s or more). Each step has its own time cap: a step that hangs or
+# The one GPU report: everything fastgpt can only check on a GPU, in sections. On a cold H200:
+# tests ~1 minute, bench ~3, stepbench ~2, e2e ~11 (each GPT-2 run compiles for 15-50 s and
+# evaluates and saves for ~13 s; a 300-step run takes ~86 s, a 40-step one ~45 s), so a 15-minute
+# lease runs them in two or three calls. Training runs are capped at 150 s or more. Each step has its own time cap: a step that hangs or
 # runs long costs only its own results.
 #
 #   bash scripts/gpu_check.sh [SECTION ...]    sections: tests bench stepbench e2e (default: all)

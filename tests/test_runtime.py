@@ -105,3 +105,12 @@ def test_fp32_matmuls_on_a_gpu_run_as_tf32():
     finally:
         for flag, value in zip(flags, before):
             flag.allow_tf32 = value
+
+
+@pytest.mark.parametrize("setting, device, expected", [
+    ("auto", "cuda:0", True), ("auto", "cpu", False), ("auto", "mps", False),
+    (True, "cpu", True), (False, "cuda:0", False),
+])
+def test_compile_auto_means_on_cuda_only(setting, device, expected):
+    """The decision only a GPU run takes, checked here (gpu_check.sh's runs take it on CUDA)."""
+    assert runtime.compiles(setting, torch.device(device)) is expected
