@@ -8,7 +8,7 @@ Providers:
            kernels='auto' picks): TritonAdamW on CUDA, torch's fused AdamW on a CPU
   default  torch.optim.AdamW with no implementation argument, as the reference trainer
            (bench/reference.py) builds it: foreach on CUDA, a loop over parameters on a CPU
-  triton   kernels.adamw.TritonAdamW: one launch per param group over all its parameters
+  triton   fastgpt_kernels.adamw.TritonAdamW: one launch per param group over all its parameters
   fused    torch.optim.AdamW(fused=True)
   foreach  torch.optim.AdamW(foreach=True), torch's default on CUDA (nanoGPT asks for fused)
   compiled torch.optim.AdamW(foreach=True) with its step under torch.compile, which inductor
@@ -80,7 +80,7 @@ def build(provider: str, block_size: int | None = None):
     elif provider == "default":
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS)
     elif provider == "triton":
-        from kernels.adamw import TritonAdamW  # imports triton: only where it runs
+        from fastgpt_kernels.adamw import TritonAdamW  # imports triton: only where it runs
 
         opt = TritonAdamW(groups, lr=LR, betas=BETAS, **({"block_size": block_size} if block_size else {}))
     elif provider == "compiled":
@@ -113,7 +113,7 @@ def run(benchmark, step, numel) -> None:
 @pytest.mark.skipif(not CUDA, reason="times the Triton kernel's chunk size on a GPU")
 @pytest.mark.parametrize("block_size", [1024, 2048, 4096, 8192])
 def test_adamw_block_size(benchmark, block_size):
-    """TritonAdamW with `block_size` elements a program (kernels.adamw.DEFAULT_BLOCK is 4096): more
+    """TritonAdamW with `block_size` elements a program (fastgpt_kernels.adamw.DEFAULT_BLOCK is 4096): more
     programs with fewer registers each, or fewer with more, to check the default on a GPU."""
     run(benchmark, *build("triton", block_size))
 

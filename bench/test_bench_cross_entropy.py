@@ -6,7 +6,7 @@ against torch, eager and compiled; and the row step alone, on given logits.
 Providers, measured in the same run so their ratios mean something:
   fastgpt   what the model calls with kernels='auto' on this device (fastgpt.ops), under
             torch.compile on CUDA as the trainer's compile='auto' runs it
-  triton    kernels.head_loss.linear_cross_entropy(impl='triton'): the head and the loss chunked
+  triton    fastgpt_kernels.head_loss.linear_cross_entropy(impl='triton'): the head and the loss chunked
             over rows, each chunk's loss and gradient by the Triton row kernel
   chunked   the same op with the torch row step (impl='torch'): the CPU's head + loss
   fp8       the fp8 head (kernels/fp8_linear.py) then F.cross_entropy on its logits, under
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from bench import harness
 from bench.harness import CUDA, DEVICE, LARGE, sync
 from fastgpt.ops import choose_kernels
-from kernels import head_loss as hl
-from kernels.fp8_linear import fp8_linear
+from fastgpt_kernels import head_loss as hl
+from fastgpt_kernels.fp8_linear import fp8_linear
 
 IGNORE = -1
 N_EMBD, VOCAB = 768, 50304  # GPT-2 124M, vocabulary padded to a multiple of 64
@@ -54,7 +54,7 @@ ROW_PROVIDERS = ["triton", "torch", "eager", "compiled"]
 GPU_ONLY = {"triton": "under the interpreter it would time numpy",
             "fp8": "a CPU has no fp8 matmul",
             "compiled": "inductor's CPU compiles outlast the CPU budget of bench/"}
-# Chunk budgets of kernels.head_loss swept on this device's chunked op.
+# Chunk budgets of fastgpt_kernels.head_loss swept on this device's chunked op.
 CHUNK_BYTES = [128 * 2**20, 256 * 2**20, 512 * 2**20] if CUDA else [64 * 2**20, 256 * 2**20, 1024 * 2**20]
 
 
@@ -122,7 +122,7 @@ def test_linear_cross_entropy(benchmark, provider):
 @pytest.mark.parametrize("chunk_bytes", CHUNK_BYTES)
 def test_head_chunk(benchmark, chunk_bytes, monkeypatch):
     """The chunked op this device runs with `chunk_bytes` of logits a chunk (the default is
-    kernels.head_loss.CHUNK_LOGITS_BYTES)."""
+    fastgpt_kernels.head_loss.CHUNK_LOGITS_BYTES)."""
     monkeypatch.setattr(hl, "CHUNK_LOGITS_BYTES", chunk_bytes)
     run_head(benchmark, loss_fn("triton" if CUDA else "chunked"), suite="linear_cross_entropy chunk",
              chunk_rows=hl.default_chunk_size(HEAD_ROWS, VOCAB, DTYPE.itemsize))
@@ -143,7 +143,7 @@ def test_cross_entropy_rows(benchmark, provider):
     targets = torch.randint(0, VOCAB, (HEAD_ROWS,), device=DEVICE)
     if provider in ("triton", "torch"):
         if provider == "triton":
-            from kernels.cross_entropy import cross_entropy_rows as rows
+            from fastgpt_kernels.cross_entropy import cross_entropy_rows as rows
         else:
             rows = hl.torch_row_losses
 

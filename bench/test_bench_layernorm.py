@@ -3,7 +3,7 @@
     pytest bench/test_bench_layernorm.py --benchmark-only
 
 Providers, measured in the same run so their ratio means something:
-  triton     kernels.layernorm.layer_norm (CUDA only, see below)
+  triton     fastgpt_kernels.layernorm.layer_norm (CUDA only, see below)
   eager      torch.nn.functional.layer_norm
   compiled   torch.compile(F.layer_norm): inductor's generated kernels
 
@@ -13,7 +13,7 @@ a (16384, 768) LayerNorm takes tens of microseconds on an H100, less than the Py
 launches it, so wall time ("wall") measures the host as much as the kernel. Both are reported.
 
 A further group times the Triton forward+backward (graph) with each backward grid that
-kernels.layernorm.backward_grid can choose (enough programs for 4, 8, 16 or 32 resident warps an
+fastgpt_kernels.layernorm.backward_grid can choose (enough programs for 4, 8, 16 or 32 resident warps an
 SM), to check its default on a GPU.
 
 Modes, one benchmark group each: forward (with autograd recording, as in training), backward
@@ -61,7 +61,7 @@ def layer_norm_for(provider: str):
     if provider == "triton":
         # Imported here only: importing triton without a GPU or the interpreter selected would
         # leave it unable to run the kernel tests later in the same session.
-        from kernels.layernorm import layer_norm
+        from fastgpt_kernels.layernorm import layer_norm
 
         return lambda x, w, b: layer_norm(x, w, b, EPS)
     eager = lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, EPS)  # noqa: E731
@@ -151,10 +151,10 @@ def test_layer_norm(benchmark, provider, mode, timing):
 @pytest.mark.parametrize("resident_warps", [4, 8, 16, 32])
 def test_layer_norm_backward_grid(benchmark, monkeypatch, resident_warps):
     """The Triton backward with enough programs for `resident_warps` warps an SM (4: one program
-    an SM at this width, Liger-Kernel's grid; 32: the default, kernels.layernorm.backward_grid),
+    an SM at this width, Liger-Kernel's grid; 32: the default, fastgpt_kernels.layernorm.backward_grid),
     timed as forward+backward from a CUDA graph: the forward is the same in every variant, and
     wall time would mostly time the host."""
-    import kernels.layernorm as ln
+    import fastgpt_kernels.layernorm as ln
 
     monkeypatch.setattr(ln, "BWD_RESIDENT_WARPS", resident_warps)
     benchmark.group = f"layer_norm backward grid ({ROWS}, {COLS}) {str(DTYPE).removeprefix('torch.')}"

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import metrics
-from kernels.common import triton_installed, triton_usable
-from kernels.fp8_linear import check_shapes as check_fp8_shapes
-from kernels.fp8_linear import fp8_linear, fp8_unsupported_reason
-from kernels.head_loss import count_targets, linear_cross_entropy
+from fastgpt_kernels.common import triton_installed, triton_usable
+from fastgpt_kernels.fp8_linear import check_shapes as check_fp8_shapes
+from fastgpt_kernels.fp8_linear import fp8_linear, fp8_unsupported_reason
+from fastgpt_kernels.head_loss import count_targets, linear_cross_entropy
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 # op -> what it may be set to, and the config field that sets it alone
@@ -203,8 +203,8 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _triton_layer_norms() -> tuple[Callable, Callable]:
-    from kernels import layernorm  # only here: importing triton needs a driver or the interpreter
-    from kernels.common import MAX_FUSED_BLOCK
+    from fastgpt_kernels import layernorm  # only here: importing triton needs a driver or the interpreter
+    from fastgpt_kernels.common import MAX_FUSED_BLOCK
 
     # Rows wider than one program holds (n_embd > MAX_FUSED_BLOCK) take torch's LayerNorm: the
     # same function and parameters, so nothing else changes.
@@ -237,7 +237,7 @@ def build_kernels(choices: dict[str, str]) -> Kernels:
     head = {"torch": _torch_head_and_loss, "triton": _triton_head_and_loss, "fp8": _fp8_head_and_loss}[choices["head_loss"]]
     optimizer = torch.optim.AdamW
     if choices["optimizer"] == "triton":
-        from kernels.adamw import TritonAdamW
+        from fastgpt_kernels.adamw import TritonAdamW
 
         optimizer = TritonAdamW
     return Kernels(Ops(describe(choices), layer_norm, add_layer_norm, head), optimizer, dict(choices))

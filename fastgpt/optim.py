@@ -44,7 +44,7 @@ def make_optimizer(
 def build_adamw(groups: list[dict], learning_rate: float, betas: tuple[float, float], device_type: str,
                 optimizer_cls: type = torch.optim.AdamW) -> torch.optim.Optimizer:
     """torch's AdamW (fused where available) or another class with its constructor, such as
-    kernels.adamw.TritonAdamW."""
+    fastgpt_kernels.adamw.TritonAdamW."""
     if optimizer_cls is torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused_adamw_available(device_type))
     return optimizer_cls(groups, lr=learning_rate, betas=betas)

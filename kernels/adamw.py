@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import interpreting, on_device, triton_usable
+from .common import interpreting, on_device, triton_usable
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)

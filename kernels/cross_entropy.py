@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.common import as_2d, next_power_of_2, num_warps_for, on_device
-from kernels.head_loss import LOSS_DTYPE
+from .common import as_2d, next_power_of_2, num_warps_for, on_device
+from .head_loss import LOSS_DTYPE
 
 # Elements one program handles per loop step: 16 warps x 32 lanes x 16 values on a GPU; big
 # enough that the interpreter sweeps a 50k vocabulary in 7 steps.

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.common import as_2d, tag_compile_caches
+from .common import as_2d, tag_compile_caches
 
 # Bytes of chunk logits the op holds at once: chunks large enough that each chunk's matmuls run at
 # full speed on a GPU (>= 2k rows at GPT-2's vocabulary in bf16) and on a multi-core CPU, few
@@ -87,7 +87,7 @@ def default_chunk_size(n_rows: int, n_cols: int, itemsize: int) -> int:
 def torch_row_losses(logits: Tensor, targets: Tensor, ignore_index: int = -1, *, write_grad: bool = False,
                      row_loss: Tensor | None = None) -> Tensor:
     """Row losses (rows,) fp32 of contiguous logits (rows, V) against targets (rows,), in torch; the
-    same contract as kernels.cross_entropy.cross_entropy_rows. With write_grad the logits are
+    same contract as fastgpt_kernels.cross_entropy.cross_entropy_rows. With write_grad the logits are
     overwritten with d(sum of row losses)/dlogits: softmax - onehot, 0 on ignored rows."""
     counted = targets != ignore_index
     safe = torch.where(counted, targets, 0).long()  # ignored rows read column 0, then count for nothing
@@ -117,7 +117,7 @@ def _row_step(impl: str):
     if impl == "torch":
         return torch_row_losses
     if impl == "triton":
-        from kernels.cross_entropy import cross_entropy_rows  # imports triton: only when asked for
+        from .cross_entropy import cross_entropy_rows  # imports triton: only when asked for
 
         return cross_entropy_rows
     raise ValueError(f"linear_cross_entropy: impl={impl!r}; choose one of {', '.join(IMPLS)}")

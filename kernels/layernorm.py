@@ -40,7 +40,7 @@ and left out, as are the G x N fp32 partials of dw/db, small when M >> G):
 
 e.g. (16384, 768) in bf16: layer_norm forward 50 MB, backward 75 MB.
 
-Limits: a row is held by one program's registers, so N <= kernels.common.MAX_FUSED_BLOCK = 8192,
+Limits: a row is held by one program's registers, so N <= fastgpt_kernels.common.MAX_FUSED_BLOCK = 8192,
 the widest row whose backward compiles for sm_90 without spilling (a ValueError otherwise;
 fastgpt.ops sends wider rows to torch); inputs in fp32, bf16 or fp16; weight and bias in any
 float dtype (fp32 parameters with bf16 activations under autocast), gradients returned in each
@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for, on_device,
+from .common import (INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for, on_device,
                             tag_compile_caches)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -118,7 +118,7 @@ class Recorder:
 
 def cases(recorder: Recorder, widths: list[int]) -> None:
     """Every launcher, at the shapes and dtypes training uses: GPT-2's and wider rows."""
-    from kernels import adamw, cross_entropy, layernorm
+    from fastgpt_kernels import adamw, cross_entropy, layernorm
 
     rows = 8
     for name, dtype in DTYPES.items():

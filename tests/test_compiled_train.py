@@ -10,7 +10,7 @@ import torch
 import torch._dynamo.utils
 
 from fastgpt.train import train
-from kernels.common import triton_usable
+from fastgpt_kernels.common import triton_usable
 
 from conftest import tiny_config
 from test_ddp import COMMON, assert_same_training, count_allreduces, weights_and_moments

@@ -10,14 +10,18 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("fastgpt", "kernels")
+# import name -> its folder: the kernels live in kernels/ and are imported as fastgpt_kernels
+# (ARCHITECTURE.md says why)
+FOLDERS = {"fastgpt": "fastgpt", "fastgpt_kernels": "kernels"}
+PACKAGES = tuple(FOLDERS)
+IMPORT_NAMES = {folder: name for name, folder in FOLDERS.items()}
 
 
 def unit(module: str) -> str | None:
     """The table's name for a dotted module: `kernels` for all of kernels/, `corpora` for its
     package, else the module under fastgpt (None for fastgpt itself)."""
     parts = module.split(".")
-    if parts[0] == "kernels":
+    if parts[0] == "fastgpt_kernels":
         return "kernels"
     if len(parts) == 1:
         return None
@@ -33,7 +37,8 @@ def imported_modules(path: pathlib.Path) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against the file's package
-                package = path.relative_to(ROOT).parent.parts
+                folder, *rest = path.relative_to(ROOT).parent.parts
+                package = (IMPORT_NAMES.get(folder, folder), *rest)
                 base = ".".join(package[: len(package) - node.level + 1])
                 names = [f"{base}.{node.module}" if node.module else base]
             else:
@@ -47,11 +52,12 @@ def imported_modules(path: pathlib.Path) -> set[str]:
 
 
 def module_name(path: pathlib.Path) -> str:
-    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    folder, *rest = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join((IMPORT_NAMES.get(folder, folder), *rest)).removesuffix(".__init__")
 
 
 def source_files() -> list[pathlib.Path]:
-    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+    return sorted(p for folder in FOLDERS.values() for p in (ROOT / folder).rglob("*.py"))
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -134,9 +140,25 @@ def test_no_import_cycle():
 
 
 def test_kernels_import_nothing_of_fastgpt():
-    offenders = {module_name(p): sorted(m for m in imported_modules(p) if not m.startswith("kernels"))
+    offenders = {module_name(p): sorted(m for m in imported_modules(p) if m.split(".")[0] != "fastgpt_kernels")
                  for p in (ROOT / "kernels").rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_nothing_imports_the_kernels_folder_by_its_own_name():
+    """`kernels` is Hugging Face's import name (transformers 5 depends on it): our folder is
+    imported as fastgpt_kernels everywhere, and holds no __init__.py that would let `import
+    kernels` from the repository root reach it instead of theirs."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    offenders = []
+    for path in sorted(ROOT.glob("*/**/*.py")):
+        if path.relative_to(ROOT).parts[0].startswith("."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n and n.split(".")[0] == "kernels"]
+    assert offenders == []
 
 
 def closure(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -173,4 +195,4 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     bad.parent.mkdir()
     bad.write_text("def f():\n    from fastgpt.model import GPT\nfrom . import common\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    assert imported_modules(bad) == {"fastgpt.model", "kernels", "kernels.common"}
+    assert imported_modules(bad) == {"fastgpt.model", "fastgpt_kernels", "fastgpt_kernels.common"}

@@ -30,7 +30,7 @@ def test_auto_is_torch_without_cuda(monkeypatch):
 
 
 def test_triton_allowed_on_cpu_under_the_interpreter(monkeypatch):
-    from kernels.adamw import TritonAdamW
+    from fastgpt_kernels.adamw import TritonAdamW
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     triton = choose_kernels("triton", CPU)
@@ -75,8 +75,8 @@ def test_every_target_ignored_gives_zero_loss_on_both_paths():
 
 
 def test_rows_wider_than_one_program_go_to_torch(monkeypatch):
-    from kernels import layernorm
-    from kernels.common import MAX_FUSED_BLOCK
+    from fastgpt_kernels import layernorm
+    from fastgpt_kernels.common import MAX_FUSED_BLOCK
 
     ops = choose_kernels("triton", CPU).ops
     calls = []
@@ -147,7 +147,7 @@ def test_each_op_is_chosen_on_its_own(monkeypatch):
     choices = resolve_choices("torch", {"optimizer": "triton", "head_loss": "fp8"}, CPU)
     assert choices == {"layer_norm": "torch", "head_loss": "fp8", "optimizer": "triton"}
     kernels = ops.build_kernels(choices)
-    from kernels.adamw import TritonAdamW
+    from fastgpt_kernels.adamw import TritonAdamW
 
     assert kernels.optimizer is TritonAdamW and kernels.ops.layer_norm is ops._torch_layer_norm
     assert kernels.ops.name == "layer_norm=torch, head_loss=fp8, optimizer=triton"

@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels.adamw as adamw  # noqa: E402
-from kernels.adamw import TritonAdamW, adamw_reference  # noqa: E402
-from kernels.common import interpreting  # noqa: E402
+import fastgpt_kernels.adamw as adamw  # noqa: E402
+from fastgpt_kernels.adamw import TritonAdamW, adamw_reference  # noqa: E402
+from fastgpt_kernels.common import interpreting  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

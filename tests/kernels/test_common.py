@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.common import kernels_source_tag, on_device, tag_compile_caches
+from fastgpt_kernels.common import kernels_source_tag, on_device, tag_compile_caches
 
 
 def test_on_device_switches_only_to_another_gpu(monkeypatch):
@@ -25,7 +25,7 @@ def test_compile_caches_are_keyed_by_the_kernels_source(tmp_path):
     """torch.compile's caches know the ops in a graph by name only: without the tag, a graph
     compiled against older kernel code would be reused after an upgrade."""
     pytest.importorskip("triton")
-    import kernels.head_loss  # noqa: F401  (registers its op, and tags the caches)
+    import fastgpt_kernels.head_loss  # noqa: F401  (registers its op, and tags the caches)
 
     assert kernels_source_tag() in torch.compiler.config.cache_key_tag
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import head_loss as hl
+from fastgpt_kernels import head_loss as hl
 from test_head_loss import close, make_targets  # the same helpers for the row kernel and the head that calls it
 
 pytest.importorskip("triton")
-from kernels import cross_entropy as ce  # noqa: E402  (after the interpreter is chosen)
+from fastgpt_kernels import cross_entropy as ce  # noqa: E402  (after the interpreter is chosen)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import fp8_linear as f8
+from fastgpt_kernels import fp8_linear as f8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # ||result - reference|| / ||reference|| for the same fp8 values: fp32 accumulation in another

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastgpt.profiling import cpu_peak_allocated_bytes
-from kernels import head_loss as hl
+from fastgpt_kernels import head_loss as hl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -1

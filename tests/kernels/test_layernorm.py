@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.common import MAX_FUSED_BLOCK  # noqa: E402
-from kernels.layernorm import (  # noqa: E402
+from fastgpt_kernels.common import MAX_FUSED_BLOCK  # noqa: E402
+from fastgpt_kernels.layernorm import (  # noqa: E402
     add_layer_norm,
     add_layer_norm_reference,
     layer_norm,
@@ -240,7 +240,7 @@ def test_compile_fullgraph_matches_eager():
 @pytest.mark.parametrize("m, warps, sms", [(16384, 4, 132), (100, 4, 132), (1, 4, 132), (9, 4, 132), (16384, 16, 132),
                                            (5000, 8, 114), (7, 4, None), (2048, 4, None)])
 def test_backward_grid_gives_every_program_rows_and_every_row_a_program(m, warps, sms):
-    from kernels.layernorm import BWD_RESIDENT_WARPS, MIN_ROWS_PER_PROGRAM, backward_grid
+    from fastgpt_kernels.layernorm import BWD_RESIDENT_WARPS, MIN_ROWS_PER_PROGRAM, backward_grid
 
     programs, rows = backward_grid(m, warps, sms)
     assert (programs - 1) * rows < m <= programs * rows
@@ -250,7 +250,7 @@ def test_backward_grid_gives_every_program_rows_and_every_row_a_program(m, warps
 
 
 def test_backward_grid_at_gpt2_shape():
-    from kernels.layernorm import backward_grid
+    from fastgpt_kernels.layernorm import backward_grid
 
     assert backward_grid(16384, 4, 132) == (1024, 16)  # batch 16 x 1024 at width 768 on an H100's 132 SMs
     assert backward_grid(0, 4, 132) == (1, 0)  # no rows: one program's zero partials

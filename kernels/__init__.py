@@ -1,1 +1,0 @@
-"""Triton kernels for fastgpt (filled in by the kernels work). Importable without triton."""
