@@ -45,6 +45,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import fastgpt  # noqa: E402,F401  (in a checkout not installed as it stands, names kernels/ fastgpt_kernels)
 TOOLS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPT2_WIDTH, GPT2_VOCAB = 768, 50304

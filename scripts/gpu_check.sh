@@ -57,12 +57,6 @@ want() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 scratch=$([ -w /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")
 tmp=$(mktemp -d "$scratch/gpu_check.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
-if ! "$py" -c "import fastgpt_kernels" 2>/dev/null; then
-  # Not installed (a GPU image's own torch, this tree on PYTHONPATH): the kernels' import name,
-  # which pyproject.toml maps onto kernels/ at install time, is linked to the folder instead.
-  ln -s "$PWD/kernels" "$tmp/fastgpt_kernels"
-  export PYTHONPATH=$tmp:$PYTHONPATH
-fi
 step "environment: sections ${sections[*]}"
 "$py" - <<'PY' 2>&1 | tee -a "$log"
 import time, torch, triton

@@ -51,7 +51,7 @@ def test_every_kernel_compiles_for_sm90_without_spilling():
 def test_a_row_too_wide_for_registers_is_reported():
     # Lift the launcher's width limit: the backward at 16384 spills, and the script must say so.
     result = compile_check("--only", "layer_norm bwd bf16 N=16384 bias", "--widths", "16384",
-                           prelude="import fastgpt_kernels.layernorm as ln; ln.MAX_FUSED_BLOCK = 1 << 16")
+                           prelude="import fastgpt, fastgpt_kernels.layernorm as ln; ln.MAX_FUSED_BLOCK = 1 << 16")
     assert result.returncode == 1, result.stdout + result.stderr
     flagged = [line for line in result.stdout.splitlines() if line.endswith("<- local memory")]
     assert flagged and all("bwd bf16 N=16384 bias" in line for line in flagged), result.stdout
