@@ -134,7 +134,7 @@ def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: fl
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)  # None: torch's default
 
 
 def get_batch(path, batch_size: int, block_size: int, device: torch.device, generator=None):

@@ -93,12 +93,10 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
 
 
 def train_dtype(name: str, device: torch.device) -> torch.dtype:
-    """nanoGPT's policy: a CPU trains in fp32 (its autocast context is a no-op there); a GPU
-    without bf16 trains in fp16, with a GradScaler."""
-    if device.type != "cuda":
-        return torch.float32
-    if name == "bfloat16" and not torch.cuda.is_bf16_supported():
-        return torch.float16
+    """nanoGPT's policy (reference.nanogpt_dtype) for its default bfloat16: fp32 on a CPU, fp16
+    with a GradScaler on a GPU without bf16; another dtype asked for on a GPU, as it is."""
+    if device.type != "cuda" or name == "bfloat16":
+        return reference.nanogpt_dtype(device)
     return DTYPES[name]
 
 

@@ -33,7 +33,7 @@ from fastgpt import metrics
 from fastgpt_kernels.common import triton_installed, triton_usable
 from fastgpt_kernels.fp8_linear import check_shapes as check_fp8_shapes
 from fastgpt_kernels.fp8_linear import fp8_linear, fp8_unsupported_reason
-from fastgpt_kernels.head_loss import count_targets, linear_cross_entropy
+from fastgpt_kernels.head_loss import count_targets, linear_cross_entropy, mean_loss
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 # op -> what it may be set to, and the config field that sets it alone
@@ -166,7 +166,7 @@ def _torch_add_layer_norm(x, residual, weight, bias):
 
 def _full_logits_loss(logits, targets):
     total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / count_targets(targets, IGNORE_INDEX).clamp(min=1)
+    return mean_loss(total, count_targets(targets, IGNORE_INDEX))
 
 
 def _torch_head_and_loss(hidden, weight, targets):
