@@ -25,9 +25,9 @@ import platform
 
 import torch
 
-from fastgpt.metrics import cpu_name
+from fastgpt.hardware import cpu_name
 from fastgpt.profiling import cpu_peak_allocated_bytes
-from fastgpt.rundir import git_commit
+from fastgpt.outdir import git_commit
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

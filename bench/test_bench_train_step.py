@@ -42,11 +42,11 @@ from bench import reference
 from bench.harness import DEVICE, LARGE, peak_memory_bytes, sync
 from fastgpt.config import read_config_file
 from fastgpt.data import BatchStream, Prefetcher, open_tokens
-from fastgpt.metrics import peak_flops
+from fastgpt.hardware import peak_flops
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.ops import choose_kernels
 from fastgpt.optim import make_optimizer
-from fastgpt.runtime import autocast, configure_backends, grad_scaler
+from fastgpt.hardware import autocast, configure_backends, grad_scaler
 
 CONFIG = read_config_file(pathlib.Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.py")
 SHAPES = {  # name -> (model fields, batch size)
@@ -119,7 +119,7 @@ def reference_step(fields, batch_size, dtype, path, compiled: bool):
     return step
 
 
-# The references run first: fastgpt's CPU allocator setting (fastgpt.runtime.keep_freed_memory)
+# The references run first: fastgpt's CPU allocator setting (fastgpt.hardware.keep_freed_memory)
 # cannot be undone, and lasts for the rest of the process.
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("provider", ["reference", "reference-compiled", "fastgpt"])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fastgpt import distributed
-from fastgpt.assets import atomic_writer, fsync_dir
+from fastgpt.fileio import atomic_writer, fsync_dir
 from fastgpt.model import GPTConfig
 
 CHECKPOINT_NAME = "ckpt.pt"

@@ -17,10 +17,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from fastgpt.dataformat import DEFAULT_DATA_ROOT
+from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.ops import KERNEL_CHOICES, OP_CHOICES, OP_FIELDS
 from fastgpt.pretrained import GPT2_MODELS
-from fastgpt.runtime import DTYPES
+from fastgpt.hardware import DTYPES
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,7 @@ import weakref
 import numpy as np
 import torch
 
-from fastgpt.dataformat import TOKEN_DTYPE
+from fastgpt.tokenfiles import TOKEN_DTYPE
 from fastgpt.distributed import indexed_device
 from fastgpt.tokenizer import DataError  # defined with the meta.pkl reader, the lowest module that reads a dataset
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.cli import OneLineParser
-from fastgpt.dataformat import DEFAULT_DATA_ROOT
+from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.pretrained import CONFIG_NAME, SAFETENSORS_NAME, PretrainedError, hf_config, to_hf_state
 from fastgpt.tokenizer import CharTokenizer, DataError, load_tokenizer, write_gpt2_hf_tokenizer

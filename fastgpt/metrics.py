@@ -2,201 +2,41 @@
 
 MFU = (model FLOPs per token x tokens per second) / peak FLOP/s, with the model's FLOPs counted as
 in the PaLM paper (appendix B): 6 per parameter per token plus attention's 12 * n_layer * n_embd * T.
-The peak is the datasheet's dense figure on a known GPU, and on a CPU the machine's own measured
-matmul rate for the dtype in use: a CPU has no datasheet number that means anything across VMs,
-core counts and BLAS builds, so we measure one, once, and cache it.
+The peak comes from fastgpt.hardware.
 
 ThroughputMeter turns the loop's log points into records (ms/iter, tok/s, MFU, data-wait share,
-peak memory, ETA); MetricsLog appends them to out_dir/metrics.jsonl, one JSON object a line.
+peak memory, ETA). Reporter sends every number where it is kept: rank 0's console,
+out_dir/metrics.jsonl (MetricsLog, one JSON object a line), the history `train()` returns, and
+optionally Weights & Biases (Tracker, nanoGPT's `wandb_log` fields); at the end of a run the
+losses are drawn from metrics.jsonl into loss.png (plot_losses; needs matplotlib).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import math
 import os
 import pathlib
-import platform
-import re
-import sys
 import time
+from typing import Callable
 
-import psutil
 import torch
 
-from fastgpt.assets import atomic_writer, cache_dir
+from fastgpt.config import ConfigError
+from fastgpt.hardware import describe_memory, peak_memory
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s from the vendors' datasheets, for bf16/fp16 and
-# for fp32 matmuls (which run as TF32 where torch allows it, as fastgpt sets), per GPU class. A
-# class is recognised by whole words of torch.cuda.get_device_name() ("NVIDIA L40" is not an L4),
-# and the class naming the most words wins ("NVIDIA H100 NVL" is an H100 NVL, not an H100 SXM).
-GPU_PEAK_FLOPS = {
-    # class: (words of its device name, bf16/fp16, fp32 (TF32))
-    "H200": (("H200",), 989e12, 494e12),  # SXM
-    "H200 NVL": (("H200", "NVL"), 835e12, 418e12),
-    "GH200": (("GH200",), 989e12, 494e12),
-    "H100 SXM": (("H100",), 989e12, 494e12),  # torch names it "NVIDIA H100 80GB HBM3"
-    "H100 PCIe": (("H100", "PCIe"), 756e12, 378e12),
-    "H100 NVL": (("H100", "NVL"), 835e12, 418e12),
-    "A100": (("A100",), 312e12, 156e12),  # SXM and PCIe alike
-    "A10G": (("A10G",), 70e12, 35e12),  # AWS's A10G (not NVIDIA's A10 datasheet)
-    "A10": (("A10",), 125e12, 62.5e12),
-    "L40S": (("L40S",), 362e12, 183e12),
-    "L40": (("L40",), 181e12, 90.5e12),
-    "L4": (("L4",), 121e12, 60e12),
-    "RTX 4090": (("RTX", "4090"), 165e12, 82.6e12),
-    "RTX 3090": (("RTX", "3090"), 71e12, 35.6e12),
-    "V100": (("V100",), 125e12, 15.7e12),  # fp16 tensor cores; no bf16, no TF32
-    "T4": (("T4",), 65e12, 8.1e12),
-}
-# CPU peak measurement: square matmuls this large reach the BLAS's steady state on a laptop or a
-# server; run untimed for a while first (clocks and the thread pool ramp up), then repeated for at
-# least CPU_PEAK_SECONDS, best rate kept (the least disturbed run): on a shared VM single runs
-# vary widely, and a short measurement understates the peak until MFU reads above 100%.
-CPU_PEAK_MATMUL_SIZE = 1024
-CPU_PEAK_WARMUP_SECONDS = 0.25
-CPU_PEAK_SECONDS = 1.5
-CPU_PEAK_METHOD = "best-of-1.5s"  # in the cache key: a change of method measures again
-PEAK_CACHE_FILE = "peak_flops.json"
 METRICS_FILE = "metrics.jsonl"
+MISSING_MATPLOTLIB = "plot: matplotlib is not installed; pip install -e '.[plot]'"
+FIGURE_INCHES = (12, 4.5)
+DPI = 100
+# The wall-time axis in the largest unit that still shows at least two of them.
+TIME_UNITS = ((3600, "h"), (60, "min"), (1, "s"))
+
+
 # The ETA's smoothing, per iteration: each iteration's time weighs 1% in the moving average, so
 # the ETA follows the last ~100 iterations whatever log_interval is, and one slow step barely moves it.
 ETA_BETA = 0.99
-
-
-def gpu_class(device_name: str) -> str | None:
-    """The GPU_PEAK_FLOPS class of a torch.cuda.get_device_name() ("NVIDIA H100 PCIe" -> "H100
-    PCIe"), or None for a GPU not listed."""
-    words = set(re.findall(r"[a-z0-9]+", device_name.lower()))
-    known = [name for name, (needs, _, _) in GPU_PEAK_FLOPS.items() if {w.lower() for w in needs} <= words]
-    return max(known, key=lambda name: len(GPU_PEAK_FLOPS[name][0]), default=None)
-
-
-def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    """Datasheet peak of a known GPU for this autocast dtype, or None if the GPU is not listed."""
-    name = gpu_class(device_name)
-    if name is None:
-        return None
-    _, half, fp32 = GPU_PEAK_FLOPS[name]
-    return half if dtype in (torch.bfloat16, torch.float16) else fp32
-
-
-def measure_matmul_flops(dtype: torch.dtype, size: int = CPU_PEAK_MATMUL_SIZE, seconds: float = CPU_PEAK_SECONDS) -> float:
-    """Best observed FLOP/s of a (size x size) @ (size x size) matmul on the CPU in `dtype`."""
-    # Its own generator: the trainer measures after seeding (or restoring) the global one, and a
-    # cache miss must not shift the dropout masks of the run that follows.
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
-    out = torch.empty(size, size, dtype=dtype)
-    start = time.perf_counter()
-    while time.perf_counter() - start < CPU_PEAK_WARMUP_SECONDS:  # thread pool, BLAS kernel choice, clocks
-        torch.mm(a, b, out=out)
-    best = float("inf")
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best
-
-
-def cpuinfo(field: str) -> str | None:
-    """The first `field` line of Linux's /proc/cpuinfo, or None where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
-    except OSError:
-        return None
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows of it."""
-    return cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-def _cpu_key(dtype: torch.dtype) -> str:
-    return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{CPU_PEAK_METHOD}"
-
-
-def cpu_peak_flops(dtype: torch.dtype) -> float:
-    """This machine's matmul FLOP/s in `dtype`, measured once per (CPU, threads, torch, dtype) and
-    cached in the user's cache folder."""
-    path = cache_dir() / PEAK_CACHE_FILE
-    key = _cpu_key(dtype)
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        cache[key] = measure_matmul_flops(dtype)
-        try:
-            with atomic_writer(path, "w") as f:
-                json.dump(cache, f, indent=1)
-        except OSError:
-            pass  # a read-only cache costs a re-measurement next run, nothing else
-    return float(cache[key])
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s to measure MFU against, or None when unknown (an unlisted GPU, MPS)."""
-    if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
-    if device.type == "cpu":
-        return cpu_peak_flops(dtype)
-    return None
-
-
-def describe_peak(device: torch.device, dtype: torch.dtype, peak: float | None) -> str:
-    if peak is None:
-        return f"MFU: no peak known for {device}; MFU not reported"
-    source = "datasheet" if device.type == "cuda" else "measured matmul, cached"
-    return f"MFU against {peak / 1e12:.3g} TFLOP/s {str(dtype).removeprefix('torch.')} peak ({source})"
-
-
-def host_summary() -> dict:
-    """Versions and hardware, logged with each run so its numbers can be reproduced."""
-    info = {
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),  # a str subclass that a weights_only load refuses
-        "triton": _version_of("triton"),
-        "cuda": torch.version.cuda,  # the CUDA torch was built with; None for a CPU build
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _version_of(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def peak_memory(device: torch.device) -> tuple[int | None, str]:
-    """(bytes, what was measured): the CUDA allocator's peak on CUDA, else the process's peak RSS
-    (torch, Python and the data included), or None where the OS does not report it."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return None, "not reported on this OS"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS of the process"  # macOS: bytes, Linux: KiB
-
-
-def describe_memory(device: torch.device) -> str:
-    mem, source = peak_memory(device)
-    return f"peak memory {mem / 2**20:,.1f} MiB ({source})" if mem is not None else f"peak memory {source}"
 
 
 def format_eta(seconds: float) -> str:
@@ -357,3 +197,129 @@ def elapsed_before(path: str | os.PathLike, iter_num: int) -> float:
     records = read_metrics(path)[0] if os.path.exists(path) else []
     times = [r["elapsed_s"] for r in records if r["iter"] <= iter_num and isinstance(r.get("elapsed_s"), (int, float))]
     return times[-1] if times else 0.0
+
+
+# --- where the numbers go
+
+
+class Tracker:
+    """Sends metrics to W&B when `wandb_log` is on; does nothing otherwise."""
+
+    def __init__(self, enabled: bool, project: str, run_name: str, config: dict):
+        self.run = None
+        if not enabled:
+            return
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("wandb_log=True needs the wandb package: pip install wandb, or set --wandb_log=False") from e
+        self.run = wandb.init(project=project, name=run_name, config=config)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+class Reporter:
+    """One call per evaluation and per log step sends the numbers everywhere they are kept:
+    the log line, metrics.jsonl, the history (iter, loss) / (iter, train, val), and W&B at
+    evaluations, as nanoGPT logs it (with the last measured MFU)."""
+
+    def __init__(self, log: Callable[[str], None], metrics: MetricsLog, tracker: Tracker):
+        self.log, self.metrics, self.tracker = log, metrics, tracker
+        self.history: dict[str, list] = {"train": [], "eval": []}
+        self.mfu: float | None = None
+
+    def evaluation(self, iter_num: int, losses: dict[str, float], elapsed_s: float, lr: float) -> None:
+        self.log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.history["eval"].append((iter_num, losses["train"], losses["val"]))
+        self.metrics.write({"kind": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                            "elapsed_s": elapsed_s})
+        self.tracker.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
+                          "mfu": self.mfu}, iter_num)
+
+    def step(self, record: dict) -> None:
+        """A log step's record, as metrics.ThroughputMeter.tick makes it."""
+        self.history["train"].append((record["iter"], record["loss"]))
+        self.mfu = record["mfu"]
+        self.log(format_log_line(record))
+        self.metrics.write(record)
+
+
+# --- the loss plot
+
+
+class PlotError(ValueError):
+    """No metrics to plot; the message is one line for the user."""
+
+
+def load_losses(path: str | os.PathLike) -> tuple[dict, dict]:
+    """({iter: (elapsed_s, loss)} of the logged batches, {iter: (elapsed_s, train, val)} of the
+    evaluations). Where a resume repeated iterations after a crash, the later record wins."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise PlotError(f"no {path}; train a run first (fastgpt.train writes it) or name the run's out_dir")
+    records, skipped = read_metrics(path)
+    train = {r["iter"]: _numbers(r, "elapsed_s", "loss") for r in records if r["kind"] == "train"}
+    evals = {r["iter"]: _numbers(r, "elapsed_s", "train_loss", "val_loss") for r in records if r["kind"] == "eval"}
+    if not train and not evals:
+        what = f"{skipped} unreadable line(s)" if skipped else "no loss records"
+        raise PlotError(f"nothing to plot in {path}: {what}")
+    return train, evals
+
+
+def _numbers(record: dict, *keys: str) -> tuple:
+    """The record's values at keys, None where one is missing or not a number (drawn as a gap)."""
+    values = (record.get(k) for k in keys)
+    return tuple(v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values)
+
+
+def _import_matplotlib():
+    import matplotlib  # noqa: F401  (first: a submodule left in sys.modules would import without it)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return Figure, FigureCanvasAgg
+
+
+def plot_losses(log_file: str | os.PathLike, out_path: str | os.PathLike) -> pathlib.Path:
+    """Write the PNG; raises ImportError without matplotlib, PlotError without losses. Uses the
+    Agg canvas directly (no pyplot), so no display and no global backend are involved."""
+    train, evals = load_losses(log_file)
+    Figure, FigureCanvasAgg = _import_matplotlib()
+    fig = Figure(figsize=FIGURE_INCHES, dpi=DPI)
+    FigureCanvasAgg(fig)
+    by_iter, by_time = fig.subplots(1, 2)
+    t_iters, e_iters = sorted(train), sorted(evals)
+    longest = max([t for t, *_ in [*train.values(), *evals.values()] if t is not None], default=0)
+    scale, unit = next((s, u) for s, u in TIME_UNITS if longest >= 2 * s or s == 1)
+    for ax, x_of in ((by_iter, lambda it, t: it), (by_time, lambda it, t: None if t is None else t / scale)):
+        ax.plot([x_of(i, train[i][0]) for i in t_iters], [train[i][1] for i in t_iters], lw=0.8, alpha=0.6,
+                label="train (logged batch)")
+        for col, label in ((1, "train (eval)"), (2, "val (eval)")):
+            ax.plot([x_of(i, evals[i][0]) for i in e_iters], [evals[i][col] for i in e_iters], marker="o", ms=3, label=label)
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    by_iter.set_xlabel("iteration")
+    by_time.set_xlabel(f"wall time since the run started ({unit})")
+    by_iter.legend()
+    fig.suptitle(str(pathlib.Path(log_file).parent))
+    fig.tight_layout()
+    out_path = pathlib.Path(out_path)
+    fig.savefig(out_path, format="png")
+    return out_path
+
+
+def save_plot(log_file: str | os.PathLike, out_path: str | os.PathLike) -> str:
+    """plot_losses for the trainer, as the one line to print: where the PNG went, or why none was
+    written (a finished run never fails on its picture)."""
+    try:
+        return f"plot: wrote {plot_losses(log_file, out_path)}"
+    except ImportError:
+        return MISSING_MATPLOTLIB
+    except PlotError as e:
+        return f"plot: {e}"

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastgpt import metrics
+from fastgpt import hardware
 from fastgpt_kernels.common import triton_installed, triton_usable
 from fastgpt_kernels.fp8_linear import check_shapes as check_fp8_shapes
 from fastgpt_kernels.fp8_linear import fp8_linear, fp8_unsupported_reason
@@ -105,7 +105,7 @@ def resolve_choices(kernels: str, overrides: dict[str, str | None], device: torc
     winners = set()
     if device.type == "cuda" and triton_usable(device):
         table = committed_measurements() if measured is None else measured
-        winners = triton_winners(table.get(metrics.gpu_class(gpu_name or "") or "", {}))
+        winners = triton_winners(table.get(hardware.gpu_class(gpu_name or "") or "", {}))
     choices = {}
     for op, allowed in OP_CHOICES.items():
         name, choice = OP_FIELDS[op], overrides.get(op) or kernels

@@ -5,7 +5,7 @@
     python -m fastgpt.prepare text --input a.txt b.txt --out data/mine
     python -m fastgpt.prepare openwebtext                 # -> data/openwebtext/ (needs `datasets`)
 
-The command line only: the files' layout is `fastgpt.dataformat`'s, and each corpus is built by
+The command line only: the files' layout is `fastgpt.tokenfiles`'s, and each corpus is built by
 its module under `fastgpt.corpora`.
 """
 
@@ -27,7 +27,7 @@ from fastgpt.corpora.openwebtext import (
     prepare_openwebtext,
 )
 from fastgpt.corpora.text import DEFAULT_PIECE_CHARS, DEFAULT_VAL_FRACTION, prepare_text
-from fastgpt.dataformat import DEFAULT_DATA_ROOT
+from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 
 
 def _add_out(parser: argparse.ArgumentParser, dataset: str) -> None:

@@ -23,7 +23,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, record_function
 
 from fastgpt.config import ConfigError, TrainConfig
-from fastgpt.metrics import describe_memory
+from fastgpt.hardware import describe_memory
 
 REGIONS = ("data", "forward", "backward", "optimizer")
 TOP_OPS = 12  # rows of the operator tables

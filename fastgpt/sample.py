@@ -21,10 +21,10 @@ import torch
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.cli import OneLineParser
-from fastgpt.dataformat import DEFAULT_DATA_ROOT
+from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2
-from fastgpt.runtime import DTYPES, RuntimeConfigError, autocast, resolve_device, resolve_dtype
+from fastgpt.hardware import DTYPES, RuntimeConfigError, autocast, resolve_device, resolve_dtype
 from fastgpt.tokenizer import GPT2_VOCAB_SIZE, DataError, Gpt2Tokenizer, dataset_vocab_size, load_tokenizer
 
 # The default config's out_dir, so `python -m fastgpt.train && python -m fastgpt.sample` pairs up.

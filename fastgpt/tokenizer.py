@@ -7,7 +7,7 @@ hangs or fails on machines without that access. The ranks file is the same bytes
 
 1. fastgpt's cache (`cache_dir()/gpt2.tiktoken`);
 2. an installed `openai-whisper`, which ships it as `whisper/assets/gpt2.tiktoken`;
-3. the `openai-whisper` sdist from PyPI, fetched once with pip (see `fastgpt.assets`).
+3. the `openai-whisper` sdist from PyPI, fetched once with pip (see `fastgpt.pypi`).
 
 A cached copy whose hash is wrong is fetched again (the cache is ours to repair); a source
 whose hash is wrong is an error, since no later source would be more trustworthy.
@@ -33,7 +33,7 @@ from typing import Iterable, Mapping
 import tiktoken
 import tiktoken.load
 
-from fastgpt import assets
+from fastgpt import fileio, pypi
 
 # GPT-2's end-of-text marker, as a string and as a token id (the last id of the vocabulary).
 EOT_TOKEN = "<|endoftext|>"
@@ -96,8 +96,8 @@ def _installed_whisper_ranks() -> tuple[str, bytes] | None:
 
 def _whisper_sdist_ranks() -> tuple[str, bytes]:
     """Return (description, bytes) of the ranks file inside the openai-whisper sdist."""
-    tarball = assets.fetch_sdist(WHISPER_SDIST_NAME, WHISPER_SDIST_VERSION, WHISPER_SDIST_SHA256)
-    return f"{tarball}:{WHISPER_SDIST_MEMBER}", assets.read_member(tarball, WHISPER_SDIST_MEMBER)
+    tarball = pypi.fetch_sdist(WHISPER_SDIST_NAME, WHISPER_SDIST_VERSION, WHISPER_SDIST_SHA256)
+    return f"{tarball}:{WHISPER_SDIST_MEMBER}", pypi.read_member(tarball, WHISPER_SDIST_MEMBER)
 
 
 def gpt2_ranks_path() -> Path:
@@ -105,9 +105,9 @@ def gpt2_ranks_path() -> Path:
 
     Raises `ValueError` naming the file and both hashes when a source has the wrong bytes.
     """
-    cached = assets.cache_dir() / GPT2_RANKS_FILENAME
+    cached = fileio.cache_dir() / GPT2_RANKS_FILENAME
     if cached.is_file():
-        actual = assets.sha256_file(cached)
+        actual = fileio.sha256_file(cached)
         if actual == GPT2_RANKS_SHA256:
             return cached
         warnings.warn(
@@ -121,7 +121,7 @@ def gpt2_ranks_path() -> Path:
         raise ValueError(
             f"GPT-2 ranks file {origin} has sha256 {actual}, expected {GPT2_RANKS_SHA256}"
         )
-    with assets.atomic_writer(cached) as f:
+    with fileio.atomic_writer(cached) as f:
         f.write(data)
     return cached
 
@@ -365,6 +365,6 @@ def write_gpt2_hf_tokenizer(out_dir: str | os.PathLike, model_max_length: int) -
         "special_tokens_map.json": json.dumps(special, indent=2),
     }
     for name, content in files.items():
-        with assets.atomic_writer(out / name, "w") as f:
+        with fileio.atomic_writer(out / name, "w") as f:
             f.write(content)
     return [out / name for name in files]

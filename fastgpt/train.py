@@ -31,20 +31,19 @@ from fastgpt import distributed
 from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.corpora import ensure_dataset
 from fastgpt.data import DataError, Prefetcher, open_tokens, run_streams
-from fastgpt.metrics import MetricsLog, ThroughputMeter, describe_peak, elapsed_before, host_summary, peak_flops
+from fastgpt.hardware import describe_peak, host_summary, peak_flops
+from fastgpt.metrics import MetricsLog, Reporter, ThroughputMeter, Tracker, elapsed_before, save_plot
 from fastgpt.ops import KernelChoiceError, check_head_shapes, choose_kernels
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
-from fastgpt.plot import save_plot
 from fastgpt.pretrained import PretrainedError
 from fastgpt.profiling import StepProfiler
-from fastgpt.rundir import RunDirError, begin_run, check_free_space, check_writable, run_record
-from fastgpt.runtime import (RuntimeConfigError, autocast, compiles, configure_backends, grad_scaler, resolve_device,
+from fastgpt.outdir import RunDirError, begin_run, check_free_space, check_writable, run_record
+from fastgpt.hardware import (RuntimeConfigError, autocast, compiles, configure_backends, grad_scaler, resolve_device,
                              resolve_dtype)
-from fastgpt.start import adopt_shape, build_model, resolve_start
-from fastgpt.start import describe as describe_start
+from fastgpt.init_from import adopt_shape, build_model, resolve_start
+from fastgpt.init_from import describe as describe_start
 from fastgpt.stopping import LossWatch, NonFiniteLossError, StopSignal, StopVote
 from fastgpt.tokenizer import dataset_vocab_size
-from fastgpt.tracking import RunReport, Tracker
 
 # The default recipe ships in the repository's configs/; from an installed copy without it, the
 # same relative path is looked up in the working directory.
@@ -199,7 +198,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     start_iter, losses, lr = iter_num, {}, cfg.learning_rate
     metrics = cleanup.enter_context(contextlib.closing(MetricsLog(cfg.out_dir, dist_info.is_master and not cfg.profile)))
     metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "run": run_info})
-    report = RunReport(log, metrics, tracker)
+    report = Reporter(log, metrics, tracker)
     meter = ThroughputMeter(tokens_per_iter, flops_per_iter, peak, cfg.max_iters, cfg.eval_interval, device)
     meter.start(iter_num, elapsed_before(metrics.path, iter_num) if start_iter else 0.0)  # a resume continues the clock
     prof = cleanup.enter_context(StepProfiler(cfg, device, dist_info.rank, cfg.max_iters - iter_num))

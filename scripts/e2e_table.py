@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
     if args.measurements:
-        from fastgpt.metrics import gpu_class  # imports torch: only here
+        from fastgpt.hardware import gpu_class  # imports torch: only here
 
         day = datetime.date.today().isoformat()
         entry = measurement(runs, f"scripts/gpu_check.sh e2e on {args.gpu}, {day}, commit {args.commit}")

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from fastgpt import checkpoint as ckpt_io
 from fastgpt import distributed
 from fastgpt.data import BatchStream, Prefetcher
-from fastgpt.metrics import GPU_PEAK_FLOPS, gpu_class, peak_flops, peak_memory
-from fastgpt.runtime import grad_scaler, resolve_device
+from fastgpt.hardware import GPU_PEAK_FLOPS, gpu_class, peak_flops, peak_memory
+from fastgpt.hardware import grad_scaler, resolve_device
 from fastgpt.stopping import LossWatch, NonFiniteLossError, StopVote
 from fastgpt.train import train
 

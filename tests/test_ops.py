@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fastgpt import metrics, ops
+from fastgpt import hardware, ops
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.ops import KernelChoiceError, TORCH_OPS, choose_kernels, resolve_choices
 from fastgpt.train import train
@@ -180,7 +180,7 @@ def test_committed_measurements_name_known_gpus_and_every_op():
     it, in one run."""
     table = json.loads(ops.MEASUREMENTS.read_text())
     for gpu, entry in table.items():
-        assert metrics.gpu_class(gpu) == gpu, f"{gpu} is not a GPU class fastgpt.metrics knows"
+        assert hardware.gpu_class(gpu) == gpu, f"{gpu} is not a GPU class fastgpt.hardware knows"
         rates = entry["tokens_per_s"]
         assert "torch" in rates and set(rates) <= {"torch", *(f"{op}=triton" for op in ops.OP_CHOICES)}, gpu
         assert all(rate > 0 for rate in rates.values()), gpu

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fastgpt import plot
+from fastgpt import metrics, plot
 from fastgpt.metrics import MetricsLog
 from fastgpt.train import train
 
@@ -38,7 +38,7 @@ def without_matplotlib(monkeypatch):
 
 def test_load_losses_keeps_the_later_of_repeated_iterations(tmp_path):
     write_run(tmp_path)
-    train_losses, evals = plot.load_losses(tmp_path / "metrics.jsonl")
+    train_losses, evals = metrics.load_losses(tmp_path / "metrics.jsonl")
     assert sorted(train_losses) == list(range(1, 21)) and sorted(evals) == [0, 20]
     assert train_losses[7] == (7.75, pytest.approx(3.3)) and train_losses[5] == (5.5, pytest.approx(3.5)) and train_losses[12][1] is None  # NaN was written as null
     assert evals[20] == (21.0, 2.1, 2.2)
@@ -79,7 +79,7 @@ def test_without_matplotlib_training_says_so_and_finishes(tmp_path, tiny_data, m
     without_matplotlib(monkeypatch)
     result = train(tiny_config(tmp_path, data_root, max_iters=5, eval_interval=5))
     assert result.iter_num == 5 and (tmp_path / "out" / "ckpt.pt").exists()
-    assert capsys.readouterr().out.splitlines()[-1] == plot.MISSING_MATPLOTLIB
+    assert capsys.readouterr().out.splitlines()[-1] == metrics.MISSING_MATPLOTLIB
     assert not (tmp_path / "out" / "loss.png").exists()
 
 
@@ -104,5 +104,5 @@ def test_odd_values_are_gaps_not_crashes(tmp_path):
     pytest.importorskip("matplotlib")
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "iter": 1, "loss": "x", "elapsed_s": true}\n'
                                             '{"kind": "train", "iter": 2, "loss": 3.0, "elapsed_s": 2}\n')
-    assert plot.load_losses(tmp_path / "metrics.jsonl")[0] == {1: (None, None), 2: (2, 3.0)}
+    assert metrics.load_losses(tmp_path / "metrics.jsonl")[0] == {1: (None, None), 2: (2, 3.0)}
     assert plot.main([str(tmp_path)]) == 0

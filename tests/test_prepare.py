@@ -14,7 +14,7 @@ import pytest
 
 from fastgpt import corpora, prepare
 from fastgpt.corpora.text import CUT_BEFORE, document_pieces, is_val_piece, last_safe_cut, prepare_text
-from fastgpt.dataformat import DEFAULT_DATA_ROOT
+from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.tokenizer import GPT2_EOT_ID, CharTokenizer, get_gpt2_encoding, load_tokenizer
 
 # Pinned by the sdist's hash: the 42 Gutenberg works, concatenated in file-name order.

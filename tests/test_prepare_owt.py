@@ -18,7 +18,7 @@ import pytest
 from fastgpt import corpora, prepare
 from fastgpt.corpora import openwebtext as owt
 from fastgpt.corpora.encode import encode_gpt2_batch
-from fastgpt.dataformat import DEFAULT_DATA_ROOT
+from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.config import load_config
 from fastgpt.tokenizer import EOT_TOKEN, GPT2_EOT_ID, get_gpt2_encoding
 

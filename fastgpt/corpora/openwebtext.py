@@ -19,9 +19,9 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from fastgpt import assets
+from fastgpt import fileio
 from fastgpt.corpora.encode import encode_gpt2_batch, resolve_threads
-from fastgpt.dataformat import BIN_SUFFIX, DEFAULT_DATA_ROOT, TOKEN_DTYPE, check_out_dir, remove_stale_meta
+from fastgpt.tokenfiles import BIN_SUFFIX, DEFAULT_DATA_ROOT, TOKEN_DTYPE, check_out_dir, remove_stale_meta
 
 # OpenWebText, by nanoGPT's recipe (data/openwebtext/prepare.py). The Hub serves the dataset
 # under this short name as well as its owner's `Skylion007/openwebtext`.
@@ -135,7 +135,7 @@ def write_document_splits(
     any iterable of strings (see `document_shards`). Every document becomes its ids followed
     by the end-of-text id 50256. A shard of documents at a time is encoded on `threads`
     threads (default: every CPU) and appended, so memory holds one shard, not the corpus.
-    The files are written through `assets.atomic_writer` and all replaced at the end, only
+    The files are written through `fileio.atomic_writer` and all replaced at the end, only
     when every split is complete and non-empty, so an interrupted or failed run leaves the
     previous files (or none). A stale meta.pkl is removed. Raises `ValueError` for an empty
     split, a split name that is not a plain file name, or a bad thread or shard size.
@@ -151,7 +151,7 @@ def write_document_splits(
     counts: dict[str, SplitCounts] = {}
     with contextlib.ExitStack() as stack:
         for name, source in splits.items():
-            file = stack.enter_context(assets.atomic_writer(out / f"{name}{BIN_SUFFIX}"))
+            file = stack.enter_context(fileio.atomic_writer(out / f"{name}{BIN_SUFFIX}"))
             counts[name] = _append_split(name, source, file, threads, docs_per_shard, text_column)
         # Checked before leaving the `with`, so an unusable result never replaces old files.
         empty = [name for name, count in counts.items() if count.documents == 0]

