@@ -18,6 +18,7 @@ those is a hard link to ckpt.pt, so it takes no space of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import pickle
@@ -29,7 +30,6 @@ import torch
 
 from fastgpt import distributed
 from fastgpt.fileio import atomic_writer, fsync_dir
-from fastgpt.model import GPTConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
 # ckpt-ITER.pt: the checkpoints kept besides the newest, numbered by iteration.
@@ -41,8 +41,6 @@ FORMAT_VERSION = 1
 COMPILED_PREFIX = "_orig_mod."
 # nanoGPT without flash attention registered its causal mask as a buffer named `attn.bias`.
 MASK_BUFFER_SUFFIX = ".attn.bias"
-# The fields of GPTConfig that a checkpoint's weights decide; a resume takes them from its model_args.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "gelu")
 
 
 class CheckpointError(ValueError):
@@ -156,32 +154,6 @@ def clean_state_dict(state_dict: dict) -> dict:
     return cleaned
 
 
-def adopt_model_args(saved: dict, wanted: GPTConfig, data_vocab: int, path) -> tuple[GPTConfig, list[str]]:
-    """The model a resume builds: the checkpoint's shape (its model_args override the config's, as
-    in nanoGPT) with the config's dropout, and 'field=saved (config: wanted)' for each field taken.
-    Refuses only what cannot be reconciled: a dataset with more token ids than the checkpoint's
-    vocabulary."""
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: its 'model_args' entry is not a dict of GPTConfig fields")
-    fields = {**wanted.to_dict(), "gelu": wanted.gelu}
-    taken = []
-    for k in SHAPE_FIELDS:
-        value = saved.get(k, GPTConfig.__dataclass_fields__[k].default if k == "gelu" else fields[k])
-        if value != fields[k]:
-            taken.append(f"{k}={value!r} (config: {fields[k]!r})")
-            fields[k] = value
-    try:
-        config = GPTConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its model_args do not describe a GPT ({e})") from e
-    if config.vocab_size < data_vocab:
-        raise CheckpointError(
-            f"{path} has a vocabulary of {config.vocab_size} ids, but the dataset's has {data_vocab}; resume on the "
-            "dataset it was trained on, or start a new run in another --out_dir"
-        )
-    return config, taken
-
-
 def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike, assign: bool = False) -> None:
     """Load weights after checking every name and shape, naming the first mismatches. With
     `assign`, the model's parameters become the given tensors (as fp32): a model built on the meta
@@ -211,59 +183,56 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.Pa
         model.tie_weights()  # assign wraps each module's tensor in a Parameter of its own
 
 
-def training_state(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    model_args: dict,
-    config: dict,
-    iter_num: int,
-    best_val_loss: float,
-    streams: dict,
-    rng: list[dict],
-    run: dict,
-) -> dict:
-    """Everything a resume needs, in nanoGPT's layout plus fastgpt's keys. `model` must be the
-    uncompiled module; `streams` maps names to batch streams with a state_dict(); `rng` holds
-    each rank's rng_state(), in rank order; `run` is the run record (plain data)."""
-    return {
-        "format": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "model_args": model_args,
-        "iter_num": iter_num,
-        "best_val_loss": best_val_loss,
-        "config": config,
-        "scaler": scaler.state_dict(),
-        "data": {name: s.state_dict() for name, s in streams.items()},
-        "rng": rng,
-        "run": run,
-    }
+@dataclasses.dataclass
+class TrainingState:
+    """The live objects a checkpoint saves; `checkpoint()` is the one place its keys are written."""
+
+    model: torch.nn.Module  # the uncompiled, unwrapped module: keys without `_orig_mod.` or `module.`
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    streams: dict  # name -> batch stream with a state_dict()
+    model_args: dict  # GPTConfig.to_model_args(): the shape the weights belong to
+    config: dict  # the run's TrainConfig as plain data
+    run: dict  # the run record (plain data)
+
+    def checkpoint(self, iter_num: int, best_val_loss: float, rng: list[dict]) -> dict:
+        """The file's contents; `rng` holds each rank's rng_state(), in rank order."""
+        return {
+            "format": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "model_args": self.model_args,
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "config": self.config,
+            "scaler": self.scaler.state_dict(),
+            "data": {name: s.state_dict() for name, s in self.streams.items()},
+            "rng": rng,
+            "run": self.run,
+        }
 
 
 class Saver:
-    """Saves the run's training state as its newest checkpoint: a collective (every rank calls
-    save, rank 0 writes). `before_save` runs first on every rank and may raise to refuse the save
-    (the loop's non-finite-loss check); `last_good` is the newest checkpoint known good, the one a
-    resume started from until this run saves one."""
+    """Saves the training state as out_dir's newest checkpoint: a collective (every rank calls
+    save, rank 0 writes and logs; every rank or none is disabled). `watch` (a stopping.LossWatch) refuses to save a state that a
+    NaN or inf loss has poisoned; `last_good` is the newest checkpoint known good: the one a resume
+    started from until this run saves one."""
 
-    def __init__(self, out_dir, keep: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, model_args: dict, config: dict, streams: dict, run: dict, dist_info,
-                 before_save=lambda: None, last_good: pathlib.Path | None = None):
-        self.out_dir, self.keep, self.dist_info, self.before_save = out_dir, keep, dist_info, before_save
-        self.parts = (model, optimizer, scaler, model_args, config)
-        self.streams, self.run, self.last_good = streams, run, last_good
+    def __init__(self, out_dir, keep: int, state: TrainingState, dist_info, watch, log, last_good: pathlib.Path | None,
+                 enabled: bool = True):
+        self.out_dir, self.keep, self.state, self.dist_info, self.watch, self.log = out_dir, keep, state, dist_info, watch, log
+        self.last_good, self.enabled = last_good, enabled
 
     def save(self, iter_num: int, best_val_loss: float) -> pathlib.Path | None:
-        """The path written (on rank 0; None on the others)."""
-        self.before_save()
+        """The path written (on rank 0; None on the others, and when disabled: a profiling run)."""
+        if not self.enabled:
+            return None
+        self.watch.check(self.dist_info.enabled, self.last_good)
         rng = distributed.gather_objects(rng_state(), self.dist_info)
         if not self.dist_info.is_master:
             return None
-        model, optimizer, scaler, model_args, config = self.parts
-        state = training_state(model, optimizer, scaler, model_args, config, iter_num, best_val_loss, self.streams,
-                               rng, self.run)
-        self.last_good = write_checkpoint(self.out_dir, state, self.keep)
+        self.last_good = write_checkpoint(self.out_dir, self.state.checkpoint(iter_num, best_val_loss, rng), self.keep)
+        self.log(f"saved checkpoint to {self.last_good}")
         return self.last_good
 
 

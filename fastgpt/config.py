@@ -214,6 +214,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def tokens_per_iter(self) -> int:
+        """Tokens one optimizer step trains on, over all ranks."""
+        return self.gradient_accumulation_steps * self.batch_size * self.block_size
+
     def kernel_overrides(self) -> dict[str, str | None]:
         """op -> its own kernel choice (None: as `kernels`), for fastgpt.ops.choose_kernels."""
         return {op: getattr(self, name) for op, name in OP_FIELDS.items()}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fastgpt.tokenfiles import TOKEN_DTYPE
-from fastgpt.distributed import indexed_device
+from fastgpt.distributed import DistInfo, indexed_device
 from fastgpt.tokenizer import DataError  # defined with the meta.pkl reader, the lowest module that reads a dataset
 
 # Scan for the largest token id this many tokens at a time (128 MiB of uint16), so validating a
@@ -288,13 +288,16 @@ class Prefetcher:
             self._put(_Failure(e))
 
 
-# The run's streams: name -> the split it reads. The evaluation streams are separate from the
-# training one, so estimating the loss never moves the training stream.
-RUN_STREAMS = {"train": "train", "train_eval": "train", "val_eval": "val"}
+# A training run's streams: name -> the split it reads. The evaluation streams are separate from
+# the training one, so estimating the loss never moves the training stream.
+STREAMS = {"train": "train", "train_eval": "train", "val_eval": "val"}
 
 
-def run_streams(splits: dict[str, np.ndarray], batch_size: int, block_size: int, seed: int, rank: int,
-                world_size: int, device: torch.device | str) -> dict[str, Prefetcher]:
-    """A prefetcher for each of RUN_STREAMS over `splits` (split name -> tokens); close each when done."""
-    return {name: Prefetcher(BatchStream(splits[split], batch_size, block_size, seed, name, rank, world_size), device)
-            for name, split in RUN_STREAMS.items()}
+def open_streams(data_dir: str | pathlib.Path, vocab_size: int, batch_size: int, block_size: int, seed: int,
+                 dist_info: DistInfo, device: torch.device | str) -> dict[str, Prefetcher]:
+    """A prefetcher for each of STREAMS over data_dir's train.bin and val.bin, each file checked
+    first (open_tokens), each rank reading its own rows; close each when done."""
+    splits = {s: open_tokens(pathlib.Path(data_dir) / f"{s}.bin", vocab_size, block_size) for s in ("train", "val")}
+    return {name: Prefetcher(BatchStream(splits[split], batch_size, block_size, seed, name, dist_info.rank,
+                                         dist_info.world_size), device)
+            for name, split in STREAMS.items()}

@@ -11,6 +11,7 @@ torchrun stops the surviving ranks as soon as one exits with an error.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -135,6 +136,12 @@ def ddp_device_ids(device: torch.device) -> list[int] | None:
     if device.type != "cuda":
         return None
     return [indexed_device(device).index]
+
+
+def grad_sync(model: torch.nn.Module, last_micro_step: bool, info: DistInfo) -> contextlib.AbstractContextManager:
+    """Where a micro-step runs: DDP all-reduces gradients only on the last micro-step. no_sync
+    covers the forward too, which is where DDP decides whether the coming backward synchronises."""
+    return contextlib.nullcontext() if last_micro_step or not info.enabled else model.no_sync()
 
 
 def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:

@@ -27,6 +27,7 @@ from fastgpt.config import ConfigError
 from fastgpt.hardware import describe_memory, peak_memory
 
 METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
 MISSING_MATPLOTLIB = "plot: matplotlib is not installed; pip install -e '.[plot]'"
 FIGURE_INCHES = (12, 4.5)
 DPI = 100
@@ -56,7 +57,7 @@ def evals_left(iter_num: int, max_iters: int, eval_interval: int) -> int:
 
 
 class ThroughputMeter:
-    """Timing between log points. `start()` before the loop, `pause()`/`resume()` around each
+    """Timing between log points. `begin()` before the loop, `with meter.paused():` around each
     evaluation (kept out of every rate), `with meter.data():` around each batch fetch, and
     `tick(iter_num, loss, lr)` at each log point, which returns the metrics record of the window.
 
@@ -72,7 +73,7 @@ class ThroughputMeter:
         self.windows = self.evals = 0
         self.eval_s = self.data_s = 0.0
 
-    def start(self, iter_num: int, elapsed: float = 0.0) -> None:
+    def begin(self, iter_num: int, elapsed: float = 0.0) -> None:
         """`elapsed`: seconds an earlier segment of this run took (a resume continues its clock)."""
         self.t_process = self.clock()
         self.t_start = self.t_window = self.t_process - elapsed
@@ -81,14 +82,14 @@ class ThroughputMeter:
     def elapsed(self) -> float:
         return self.clock() - self.t_start
 
-    def pause(self) -> None:
-        self.t_pause = self.clock()
-
-    def resume(self) -> None:
+    @contextlib.contextmanager
+    def paused(self):
+        t_pause = self.clock()
+        yield
         now = self.clock()
-        self.eval_s += now - self.t_pause
+        self.eval_s += now - t_pause
         self.evals += 1
-        self.t_window += now - self.t_pause  # the window's clock skips the evaluation
+        self.t_window += now - t_pause  # the window's clock skips the evaluation
 
     @contextlib.contextmanager
     def data(self):
@@ -162,6 +163,12 @@ class MetricsLog:
             self.file.close()
             self.file = None
 
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _ends_mid_line(path: pathlib.Path) -> bool:
     """Whether a file's last byte is not a newline, read alone (the log grows through a long run)."""
@@ -229,10 +236,30 @@ class Reporter:
     the log line, metrics.jsonl, the history (iter, loss) / (iter, train, val), and W&B at
     evaluations, as nanoGPT logs it (with the last measured MFU)."""
 
-    def __init__(self, log: Callable[[str], None], metrics: MetricsLog, tracker: Tracker):
-        self.log, self.metrics, self.tracker = log, metrics, tracker
+    def __init__(self, log: Callable[[str], None], tracker: Tracker, out_dir: str | os.PathLike, writes: bool,
+                 iter_num: int, record: dict):
+        """Opens out_dir/metrics.jsonl where `writes` (rank 0, not profiling) and writes its first
+        record of this run (or of this resumed segment of it): the iteration it starts at and the
+        run record."""
+        self.log, self.tracker, self.metrics = log, tracker, MetricsLog(out_dir, writes)
         self.history: dict[str, list] = {"train": [], "eval": []}
         self.mfu: float | None = None
+        self.metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "run": record})
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.metrics.close()
+
+    def finish(self, summary: str, plot: bool) -> None:
+        """After the loop: close the W&B run, print the summary line and, with `plot`, draw the
+        losses into loss.png beside metrics.jsonl (where there is one: rank 0, not profiling). On an
+        exception, wandb's own exit hook closes its run and marks it failed."""
+        self.tracker.close()
+        self.log(summary)
+        if plot and self.metrics.file is not None:
+            self.log(save_plot(self.metrics.path, self.metrics.path.with_name(LOSS_PLOT)))
 
     def evaluation(self, iter_num: int, losses: dict[str, float], elapsed_s: float, lr: float) -> None:
         self.log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

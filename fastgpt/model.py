@@ -35,9 +35,11 @@ class GPTConfig:
         if self.gelu not in GELU_APPROXIMATIONS:
             raise ValueError(f"gelu={self.gelu!r} is not allowed; choose one of {', '.join(map(repr, GELU_APPROXIMATIONS))}")
 
-    def to_dict(self) -> dict:
+    def to_model_args(self) -> dict:
+        """The checkpoint's `model_args`. nanoGPT's GPTConfig(**model_args) knows no `gelu`, so the
+        default (nanoGPT's exact GELU) is left out; fastgpt.init_from reads it back as the default."""
         args = asdict(self)
-        if args["gelu"] == "none":  # nanoGPT's GPTConfig(**model_args) knows no such key: leave it out
+        if args["gelu"] == "none":
             del args["gelu"]
         return args
 

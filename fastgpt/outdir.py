@@ -20,7 +20,7 @@ import time
 import torch
 
 from fastgpt.fileio import atomic_writer
-from fastgpt.checkpoint import checkpoint_path, numbered_checkpoints
+from fastgpt.checkpoint import checkpoint_path, numbered_checkpoints, remove_stale_temporaries
 from fastgpt.metrics import metrics_path
 
 RECORD_NAME = "run.json"
@@ -34,6 +34,13 @@ CHECKPOINT_COPIES = 3
 
 class RunDirError(ValueError):
     """out_dir cannot hold this run; one line for the user."""
+
+
+def prepare(out_dir: str | os.PathLike) -> None:
+    """Before the data and the model are loaded, so a bad out_dir fails in seconds: check that it
+    can be written, and remove the temporaries of a save that a kill cut short."""
+    check_writable(out_dir)
+    remove_stale_temporaries(out_dir)
 
 
 def check_writable(out_dir: str | os.PathLike) -> None:
@@ -113,9 +120,11 @@ def run_record(config: dict, device: torch.device, world_size: int, host: dict) 
     return json.loads(json.dumps(record))  # plain data by construction: a weights_only load accepts it
 
 
-def begin_run(out_dir: str | os.PathLike, record: dict, fresh: bool) -> list[tuple[pathlib.Path, pathlib.Path]]:
-    """Write this run's record to out_dir/run.json; a fresh run first sets the previous run's
-    checkpoints, log and record aside (returned as (old name, new name) pairs)."""
+def claim(out_dir: str | os.PathLike, record: dict, fresh: bool, num_params: int, log=lambda line: None) -> None:
+    """Make out_dir this run's, on rank 0 of a run that trains: check there is room for its
+    checkpoints, then write its record to out_dir/run.json; a fresh run first sets the previous
+    run's checkpoints, log and record aside (each move logged)."""
+    check_free_space(out_dir, num_params)
     folder = pathlib.Path(out_dir)
     moved = []
     if fresh:
@@ -125,4 +134,5 @@ def begin_run(out_dir: str | os.PathLike, record: dict, fresh: bool) -> list[tup
     with atomic_writer(folder / RECORD_NAME, "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
-    return moved
+    for path, new_name in moved:
+        log(f"kept the previous run's {path.name} as {new_name}")

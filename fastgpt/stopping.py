@@ -90,6 +90,10 @@ class StopVote:
         self._pending = (work, flag, host, event)
         return decided
 
+    def message(self, iter_num: int) -> str:
+        return (f"stopped by {self.stop.received or 'a signal to another rank'} at iteration {iter_num}; resume with "
+                "--init_from=resume (or 'auto')")
+
     def _result(self) -> bool:
         work, _, host, event = self._pending
         if event is not None:
@@ -107,18 +111,24 @@ class StopVote:
 
 class LossWatch:
     """The first iteration whose loss was not finite, kept on the device; update() costs two
-    tiny kernels and no sync, check() is a sync (and under DDP a collective)."""
+    tiny kernels and no sync, check() is a sync (and under DDP a collective). Disabled (the
+    config's on_nonfinite_loss is not 'stop'), both do nothing."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled
         self.first_bad = torch.full((), NONE_SEEN, dtype=torch.int64, device=device)
 
     def update(self, loss: torch.Tensor, iter_num: int) -> None:
+        if not self.enabled:
+            return
         seen = torch.where(torch.isfinite(loss.detach()), NONE_SEEN, iter_num)
         self.first_bad = torch.minimum(self.first_bad, seen)
 
     def check(self, distributed: bool, last_good) -> None:
         """Raise NonFiniteLossError, naming the first bad iteration and `last_good` (the newest
         checkpoint saved before it, or None), when any rank has seen a non-finite loss."""
+        if not self.enabled:
+            return
         first = self.first_bad.clone()
         if distributed:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)

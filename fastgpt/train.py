@@ -18,30 +18,25 @@ Ctrl-C finishes the step, saves a checkpoint and exits 0; init_from='auto' resum
 from __future__ import annotations
 
 import contextlib
-import math
 import pathlib
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
 from fastgpt import checkpoint as ckpt_io
-from fastgpt import distributed
+from fastgpt import distributed, init_from, outdir
 from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.corpora import ensure_dataset
-from fastgpt.data import DataError, Prefetcher, open_tokens, run_streams
-from fastgpt.hardware import describe_peak, host_summary, peak_flops
-from fastgpt.metrics import MetricsLog, Reporter, ThroughputMeter, Tracker, elapsed_before, save_plot
-from fastgpt.ops import KernelChoiceError, check_head_shapes, choose_kernels
+from fastgpt.data import DataError, Prefetcher, open_streams
+from fastgpt.hardware import (RuntimeConfigError, autocast, compiles, configure_backends, describe_peak, grad_scaler,
+                              host_summary, peak_flops, resolve_device, resolve_dtype)
+from fastgpt.metrics import Reporter, ThroughputMeter, Tracker, elapsed_before
+from fastgpt.ops import KernelChoiceError, choose_kernels
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
+from fastgpt.outdir import RunDirError
 from fastgpt.pretrained import PretrainedError
 from fastgpt.profiling import StepProfiler
-from fastgpt.outdir import RunDirError, begin_run, check_free_space, check_writable, run_record
-from fastgpt.hardware import (RuntimeConfigError, autocast, compiles, configure_backends, grad_scaler, resolve_device,
-                             resolve_dtype)
-from fastgpt.init_from import adopt_shape, build_model, resolve_start
-from fastgpt.init_from import describe as describe_start
 from fastgpt.stopping import LossWatch, NonFiniteLossError, StopSignal, StopVote
 from fastgpt.tokenizer import dataset_vocab_size
 
@@ -76,12 +71,12 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, batches: dict[str, Prefetcher], eval_iters: int, ctx, dist_info) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split per rank, averaged over ranks, in eval
-    mode (no dropout)."""
+def estimate_loss(model: torch.nn.Module, streams: dict[str, Prefetcher], eval_iters: int, ctx, dist_info) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split per rank, averaged over ranks, in eval mode
+    (no dropout). The evaluation streams are not the training one, which they never move."""
     model.eval()
     out = {}
-    for split, stream in batches.items():
+    for split, stream in (("train", streams["train_eval"]), ("val", streams["val_eval"])):
         losses = torch.zeros(eval_iters)
         for i in range(eval_iters):
             x, y = next(stream)
@@ -114,62 +109,36 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     dist_info, device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.ddp_timeout)
     log = print if dist_info.is_master else (lambda *args, **kwargs: None)
     micro_steps = distributed.micro_steps_per_rank(cfg.gradient_accumulation_steps, dist_info)
-    dtype = resolve_dtype(cfg.dtype, device)
-    kernels = choose_kernels(cfg.kernels, device, cfg.kernel_overrides())
+    dtype, kernels = resolve_dtype(cfg.dtype, device), choose_kernels(cfg.kernels, device, cfg.kernel_overrides())
     configure_backends(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
     tracker = Tracker(cfg.wandb_log and dist_info.is_master, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
-    if dist_info.is_master:  # before the data and the model, so an unwritable out_dir fails in seconds
-        check_writable(cfg.out_dir)
-        ckpt_io.remove_stale_temporaries(cfg.out_dir)  # from a save that a kill cut short
-    host = host_summary()
-    log(f"host: {host}")
-    if warning := distributed.restart_warning():
-        log(warning)
-    log(f"config: {cfg.to_dict()}")
-    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {kernels.ops.name} kernels, "
-        f"{dist_info.world_size} rank(s)")
+    if dist_info.is_master:
+        outdir.prepare(cfg.out_dir)  # before the data and the model, so a bad out_dir fails in seconds
+    record = outdir.run_record(cfg.to_dict(), device, dist_info.world_size, host_summary())
+    log_setup(log, record, dtype, kernels.ops.name)
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data, and where the model comes from
     data_dir = pathlib.Path(cfg.data_root) / cfg.dataset
     distributed.rank_zero_first(dist_info, lambda: ensure_dataset(cfg.dataset, data_dir))
     vocab_size = cfg.vocab_size or dataset_vocab_size(data_dir)
-    start = resolve_start(cfg, vocab_size)  # a new model, a checkpoint or GPT-2: its shape wins
-    if taken := describe_start(start):
-        log(taken)
-    cfg = adopt_shape(cfg, start.model_args)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all ranks
-    splits = {s: open_tokens(data_dir / f"{s}.bin", vocab_size, cfg.block_size) for s in ("train", "val")}
-    streams = run_streams(splits, cfg.batch_size, cfg.block_size, cfg.seed, dist_info.rank, dist_info.world_size, device)
-    for stream in streams.values():
-        cleanup.callback(stream.close)
-    train_batches, eval_batches = streams["train"], {"train": streams["train_eval"], "val": streams["val_eval"]}
+    init = init_from.resolve(cfg, vocab_size, log)  # a new model, a checkpoint or GPT-2: its shape wins
+    cfg = init_from.adopt_shape(cfg, init.model_args)
+    streams = open_streams(data_dir, vocab_size, cfg.batch_size, cfg.block_size, cfg.seed, dist_info, device)
+    cleanup.callback(lambda: [stream.close() for stream in streams.values()])
 
-    # ---------------------------------------------------------------- model
-    model_args, checkpoint = start.model_args, start.checkpoint
-    check_head_shapes(kernels.choices, cfg.batch_size * cfg.block_size, model_args.n_embd, model_args.vocab_size)
-    resumed_from = pathlib.Path(start.source) if checkpoint is not None else None
-    model = build_model(start, kernels.ops).to(device)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}; tokens per iteration {tokens_per_iter:,}")
-    if dist_info.is_master:
-        check_free_space(cfg.out_dir, model.num_params(non_embedding=False))
-
-    # ---------------------------------------------------------------- optimizer
+    # ---------------------------------------------------------------- model, optimizer, resume
+    model = init_from.build_model(init, kernels, cfg.batch_size, cfg.block_size, cfg.tokens_per_iter, log).to(device)
     optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, kernels.optimizer)
     scaler = grad_scaler(device, dtype)
-    iter_num, best_val_loss = 0, math.inf
-    if resumed_from:
-        iter_num, best_val_loss = ckpt_io.restore_training_state(checkpoint, optimizer, scaler, streams, resumed_from,
-                                                                 dist_info)
-        log(f"resumed from {resumed_from} at iteration {iter_num}")
-    else:
-        torch.manual_seed(cfg.seed + dist_info.rank)  # dropout masks differ across ranks
-    start = checkpoint = None  # the optimizer state now lives in the optimizer
-    run_info = run_record(cfg.to_dict(), device, dist_info.world_size, host)
+    iter_num, best_val_loss = init_from.restore_training_state(init, optimizer, scaler, streams, dist_info, cfg.seed, log)
+    first_iter, resumed_from = iter_num, init.resumed_from
     if dist_info.is_master and not (cfg.eval_only or cfg.profile):  # only a run that trains writes to out_dir
-        for path, moved in begin_run(cfg.out_dir, run_info, fresh=resumed_from is None):
-            log(f"kept the previous run's {path.name} as {moved}")
+        outdir.claim(cfg.out_dir, record, resumed_from is None, model.num_params(non_embedding=False), log)
+    watch = LossWatch(device, enabled=cfg.on_nonfinite_loss == "stop")
+    state = ckpt_io.TrainingState(model, optimizer, scaler, streams, init.model_args.to_model_args(), cfg.to_dict(), record)
+    saver = ckpt_io.Saver(cfg.out_dir, cfg.keep_checkpoints, state, dist_info, watch, log, resumed_from, enabled=not cfg.profile)
 
     # ---------------------------------------------------------------- compile, DDP
     raw_model = model  # checkpoints hold the uncompiled, unwrapped module's state dict
@@ -177,86 +146,78 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
         log("compiling the model (the first step takes longer)")
         model = torch.compile(model)
     model = distributed.wrap(model, dist_info, device)
-    peak = peak_flops(device, dtype)
-    log(describe_peak(device, dtype, peak))
-    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / dist_info.world_size  # per device
-
-    watch = LossWatch(device) if cfg.on_nonfinite_loss == "stop" else None
-
-    def check_finite() -> None:  # before a NaN-poisoned state is saved or trained on
-        if watch:
-            watch.check(dist_info.enabled, saver.last_good)
-
-    saver = ckpt_io.Saver(cfg.out_dir, cfg.keep_checkpoints, raw_model, optimizer, scaler, model_args.to_dict(),
-                          cfg.to_dict(), streams, run_info, dist_info, before_save=check_finite, last_good=resumed_from)
-
-    def save() -> None:  # a collective: every rank calls it
-        if path := saver.save(iter_num, best_val_loss):
-            log(f"saved checkpoint to {path}")
+    log(describe_peak(device, dtype, peak := peak_flops(device, dtype)))
+    flops_per_iter = raw_model.flops_per_token() * cfg.tokens_per_iter / dist_info.world_size  # per device
 
     # ---------------------------------------------------------------- the loop
-    start_iter, losses, lr = iter_num, {}, cfg.learning_rate
-    metrics = cleanup.enter_context(contextlib.closing(MetricsLog(cfg.out_dir, dist_info.is_master and not cfg.profile)))
-    metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "run": run_info})
-    report = Reporter(log, metrics, tracker)
-    meter = ThroughputMeter(tokens_per_iter, flops_per_iter, peak, cfg.max_iters, cfg.eval_interval, device)
-    meter.start(iter_num, elapsed_before(metrics.path, iter_num) if start_iter else 0.0)  # a resume continues the clock
+    report = cleanup.enter_context(Reporter(log, tracker, cfg.out_dir, dist_info.is_master and not cfg.profile, iter_num, record))
+    meter = ThroughputMeter(cfg.tokens_per_iter, flops_per_iter, peak, cfg.max_iters, cfg.eval_interval, device)
+    meter.begin(iter_num, elapsed_before(report.metrics.path, iter_num) if resumed_from else 0.0)  # a resume continues the clock
     prof = cleanup.enter_context(StepProfiler(cfg, device, dist_info.rank, cfg.max_iters - iter_num))
-    stop = cleanup.enter_context(StopSignal(log))
-    stop_vote = StopVote(stop, dist_info.enabled, device)
+    stop_vote, losses, lr = StopVote(cleanup.enter_context(StopSignal(log)), dist_info.enabled, device), {}, cfg.learning_rate
     while True:
-        evaluate = (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not cfg.profile
-        if evaluate and not (iter_num == start_iter and start_iter > 0):  # a resumed step was evaluated before saving
-            meter.pause()  # keep evaluation out of the timings
-            losses = estimate_loss(model, eval_batches, cfg.eval_iters, ctx, dist_info)
-            report.evaluation(iter_num, losses, meter.elapsed(), lr)
-            if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0:
-                    save()
-            meter.resume()
+        if evaluation_due(iter_num, cfg) and not (resumed_from and iter_num == first_iter):  # evaluated before the save
+            with meter.paused():  # keep evaluation out of the timings
+                losses = estimate_loss(model, streams, cfg.eval_iters, ctx, dist_info)
+                report.evaluation(iter_num, losses, meter.elapsed(), lr)
+                if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    if iter_num > 0:
+                        saver.save(iter_num, best_val_loss)  # a collective: every rank calls it
         if iter_num >= cfg.max_iters or cfg.eval_only or prof.done:
             break
-
         lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) if cfg.decay_lr else cfg.learning_rate
         set_lr(optimizer, lr)
-        for micro_step in range(micro_steps):
-            # DDP all-reduces gradients only on the last micro-step; no_sync covers the forward
-            # too, which is where DDP decides whether the coming backward synchronises.
-            last = micro_step == micro_steps - 1
-            with contextlib.nullcontext() if last or not dist_info.enabled else model.no_sync():
-                with prof.region("data"), meter.data():
-                    x, y = next(train_batches)
-                with prof.region("forward"), ctx:
-                    _, loss = model(x, y)
-                    loss = loss / micro_steps  # the mean over micro-batches (DDP averages over ranks)
-                if watch:
-                    watch.update(loss, iter_num + 1)  # no sync: the flag stays on the device
-                with prof.region("backward"):
-                    scaler.scale(loss).backward()
-        with prof.region("optimizer"):
-            if not clip_and_step(model, optimizer, scaler, cfg.grad_clip, cfg.on_nonfinite_loss == "skip"):
-                log(f"iter {iter_num + 1}: gradient norm NaN or inf, step skipped (on_nonfinite_loss='skip')")
+        loss = train_step(model, optimizer, scaler, streams["train"], ctx, micro_steps, cfg, dist_info, watch, prof, meter,
+                          iter_num, log)
         iter_num += 1
         if stop_vote():  # a collective under DDP: every rank stops at the same iteration
-            if not cfg.profile:
-                save()
-            log(f"stopped by {stop.received or 'a signal to another rank'} at iteration {iter_num}; resume with "
-                "--init_from=resume (or 'auto')")
+            saver.save(iter_num, best_val_loss)
+            log(stop_vote.message(iter_num))
             break
-
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            check_finite()
+            watch.check(dist_info.enabled, saver.last_good)
             # CPU-GPU sync (waits for the step); under DDP also a collective, for the mean over ranks.
             last_loss = distributed.mean_over_ranks(loss.item() * micro_steps, dist_info, device)
             report.step(meter.tick(iter_num, last_loss, lr))
         prof.step()
     stop_vote.close()
-    tracker.close()  # on an exception, wandb's own exit hook closes the run and marks it failed
-    log(prof.report() if cfg.profile else meter.summary(iter_num, best_val_loss))
-    if dist_info.is_master and not (cfg.profile or cfg.eval_only):
-        log(save_plot(metrics.path, pathlib.Path(cfg.out_dir) / "loss.png"))
+    report.finish(prof.report() if cfg.profile else meter.summary(iter_num, best_val_loss), plot=not cfg.eval_only)
     return TrainResult(iter_num, losses, best_val_loss, report.history, raw_model)
+
+
+def train_step(model, optimizer, scaler, batches, ctx, micro_steps: int, cfg: TrainConfig, dist_info, watch: LossWatch,
+               prof: StepProfiler, meter: ThroughputMeter, iter_num: int, log) -> torch.Tensor:
+    """One optimizer step: forward and backward over micro_steps micro-batches (the gradients add
+    up), then clip and step. Returns the last micro-batch's loss / micro_steps, left on the device."""
+    for micro_step in range(micro_steps):
+        with distributed.grad_sync(model, micro_step == micro_steps - 1, dist_info):
+            with prof.region("data"), meter.data():
+                x, y = next(batches)
+            with prof.region("forward"), ctx:
+                _, loss = model(x, y)
+                loss = loss / micro_steps  # the mean over micro-batches (DDP averages over ranks)
+            watch.update(loss, iter_num + 1)  # no sync: the flag stays on the device
+            with prof.region("backward"):
+                scaler.scale(loss).backward()
+    with prof.region("optimizer"):
+        if not clip_and_step(model, optimizer, scaler, cfg.grad_clip, cfg.on_nonfinite_loss == "skip"):
+            log(f"iter {iter_num + 1}: gradient norm NaN or inf, step skipped (on_nonfinite_loss='skip')")
+    return loss
+
+
+def evaluation_due(iter_num: int, cfg: TrainConfig) -> bool:
+    """At every eval_interval-th iteration and at the last, as nanoGPT does; never while profiling."""
+    return (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not cfg.profile
+
+
+def log_setup(log, record: dict, dtype: torch.dtype, ops_name: str) -> None:
+    log(f"host: {record['host']}")
+    if warning := distributed.restart_warning():
+        log(warning)
+    log(f"config: {record['config']}")
+    log(f"device {record['device']}, autocast {str(dtype).removeprefix('torch.')}, {ops_name} kernels, "
+        f"{record['world_size']} rank(s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ def nanogpt_checkpoint(model: GPT, config: dict) -> dict:
         "model": state,
         # nanoGPT's groups: matrices and embeddings decayed, then the rest.
         "optimizer": torch.optim.AdamW(param_groups(model, 0.1)).state_dict(),
-        "model_args": model.config.to_dict(),
+        "model_args": model.config.to_model_args(),
         "iter_num": 0,
         "best_val_loss": 9.9,
         "config": config,

@@ -31,7 +31,7 @@ class Clock:
 
 def meter(clock, max_iters=1000, eval_interval=100, peak=None, tokens=64, flops=1e9):
     m = ThroughputMeter(tokens, flops, peak, max_iters, eval_interval, CPU, clock=clock)
-    m.start(0)
+    m.begin(0)
     return m
 
 
@@ -71,9 +71,8 @@ def test_first_two_windows_seed_the_average_then_it_smooths():
 def test_evaluation_is_out_of_the_rates_and_in_the_eta():
     clock = Clock()
     m = meter(clock, max_iters=100, eval_interval=50)
-    m.pause()
-    clock.t += 3.0  # the evaluation at iteration 0
-    m.resume()
+    with m.paused():
+        clock.t += 3.0  # the evaluation at iteration 0
     clock.t += 10 * 0.5
     r = m.tick(10, 2.0, 1e-3)
     assert r["ms_per_iter"] == pytest.approx(500)  # the 3 s evaluation is not in the window

@@ -217,8 +217,8 @@ def test_sample_from_gpt2_weights(tmp_path, capsys):
 
 
 def test_gelu_tanh_stays_out_of_nanogpts_model_args():
-    assert "gelu" not in GPTConfig().to_dict()  # nanoGPT's GPTConfig(**model_args) knows no such key
-    assert GPTConfig(gelu="tanh").to_dict()["gelu"] == "tanh"
+    assert "gelu" not in GPTConfig().to_model_args()  # nanoGPT's GPTConfig(**model_args) knows no such key
+    assert GPTConfig(gelu="tanh").to_model_args()["gelu"] == "tanh"
     with pytest.raises(ValueError, match="gelu='fast' is not allowed"):
         GPTConfig(gelu="fast")
 
