@@ -60,7 +60,7 @@ class Ops:
 
     name: str
     layer_norm: Callable  # (x, weight, bias) -> y
-    add_layer_norm: Callable  # (x, residual, weight, bias) -> (x + residual, layer_norm(x + residual))
+    add_layer_norm: Callable  # (x, branch, weight, bias) -> (x + branch, layer_norm(x + branch))
     head_and_loss: Callable  # (hidden (N, C), weight (V, C), targets (N,)) -> (logits (N, V) or None, mean loss)
 
 
@@ -159,8 +159,8 @@ def _torch_layer_norm(x, weight, bias):
     return F.layer_norm(x, weight.shape, weight, bias, LN_EPS)
 
 
-def _torch_add_layer_norm(x, residual, weight, bias):
-    s = x + residual
+def _torch_add_layer_norm(x, branch, weight, bias):
+    s = x + branch
     return s, F.layer_norm(s, weight.shape, weight, bias, LN_EPS)
 
 
@@ -208,11 +208,11 @@ def _triton_layer_norms() -> tuple[Callable, Callable]:
 
     # Rows wider than one program holds (n_embd > MAX_FUSED_BLOCK) take torch's LayerNorm: the
     # same function and parameters, so nothing else changes.
-    def add_layer_norm(x, residual, weight, bias):
+    def add_layer_norm(x, branch, weight, bias):
         if x.shape[-1] > MAX_FUSED_BLOCK:
-            return _torch_add_layer_norm(x, residual, weight, bias)
+            return _torch_add_layer_norm(x, branch, weight, bias)
         # The residual stream keeps its dtype (fp32 under autocast); the branch output joins it.
-        return layernorm.add_layer_norm(x, residual.to(x.dtype), weight, bias, LN_EPS)
+        return layernorm.add_layer_norm(x, branch.to(x.dtype), weight, bias, LN_EPS)
 
     def layer_norm(x, weight, bias):
         if x.shape[-1] > MAX_FUSED_BLOCK:

@@ -84,11 +84,11 @@ def test_rows_wider_than_one_program_go_to_torch(monkeypatch):
     monkeypatch.setattr(layernorm, "add_layer_norm", lambda *a: calls.append("add") or TORCH_OPS.add_layer_norm(*a[:4]))
     for width, routed in ((MAX_FUSED_BLOCK, ["ln", "add"]), (MAX_FUSED_BLOCK + 1, [])):
         calls.clear()
-        x, r = torch.randn(2, width), torch.randn(2, width)
+        x, branch = torch.randn(2, width), torch.randn(2, width)
         w, b = torch.rand(width) + 0.5, torch.randn(width)
         torch.testing.assert_close(ops.layer_norm(x, w, b), TORCH_OPS.layer_norm(x, w, b))
-        s, y = ops.add_layer_norm(x, r, w, b)
-        s_ref, y_ref = TORCH_OPS.add_layer_norm(x, r, w, b)
+        s, y = ops.add_layer_norm(x, branch, w, b)
+        s_ref, y_ref = TORCH_OPS.add_layer_norm(x, branch, w, b)
         torch.testing.assert_close(s, s_ref)
         torch.testing.assert_close(y, y_ref)
         assert calls == routed, width
