@@ -215,7 +215,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def kernel_overrides(self) -> dict[str, str | None]:
-        """op -> its own kernel choice (None: as `kernels`), for fastgpt.ops.choose_kernels."""
+        """op -> its own kernel choice (None: as `kernels`), for fastgpt.ops.choose_ops."""
         return {op: getattr(self, name) for op, name in OP_FIELDS.items()}
 
 

@@ -65,8 +65,9 @@ class Ops:
 
 
 @dataclass(frozen=True)
-class Kernels:
-    """One implementation choice: the model's ops and the optimizer class that goes with them."""
+class OpChoices:
+    """What the per-op choices resolve to: the model's ops, the optimizer class that goes with
+    them, and the choices themselves."""
 
     ops: Ops
     optimizer: type  # an AdamW with torch.optim.AdamW's constructor and state_dict
@@ -123,14 +124,14 @@ def resolve_choices(kernels: str, overrides: dict[str, str | None], device: torc
     return choices
 
 
-def choose_kernels(kernels: str, device: torch.device | str, overrides: dict[str, str | None] | None = None) -> Kernels:
+def choose_ops(kernels: str, device: torch.device | str, overrides: dict[str, str | None] | None = None) -> OpChoices:
     """The implementations `kernels` and the per-op `overrides` (op -> choice or None) name on
     `device` (see resolve_choices)."""
     device = torch.device(device)
     gpu_name = capability = None
     if device.type == "cuda":
         gpu_name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    return build_kernels(resolve_choices(kernels, overrides or {}, device, gpu_name, capability))
+    return build_ops(resolve_choices(kernels, overrides or {}, device, gpu_name, capability))
 
 
 def describe(choices: dict[str, str]) -> str:
@@ -228,10 +229,10 @@ def _triton_head_and_loss(hidden, weight, targets):
     return None, linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, IGNORE_INDEX, impl="triton")
 
 
-def build_kernels(choices: dict[str, str]) -> Kernels:
+def build_ops(choices: dict[str, str]) -> OpChoices:
     """The ops and optimizer that `choices` (op -> 'torch', 'triton' or 'fp8') name."""
     if all(choice == "torch" for choice in choices.values()):
-        return Kernels(TORCH_OPS, torch.optim.AdamW, dict(choices))
+        return OpChoices(TORCH_OPS, torch.optim.AdamW, dict(choices))
     layer_norm, add_layer_norm = (_triton_layer_norms() if choices["layer_norm"] == "triton"
                                   else (_torch_layer_norm, _torch_add_layer_norm))
     head = {"torch": _torch_head_and_loss, "triton": _triton_head_and_loss, "fp8": _fp8_head_and_loss}[choices["head_loss"]]
@@ -240,4 +241,4 @@ def build_kernels(choices: dict[str, str]) -> Kernels:
         from fastgpt_kernels.adamw import TritonAdamW
 
         optimizer = TritonAdamW
-    return Kernels(Ops(describe(choices), layer_norm, add_layer_norm, head), optimizer, dict(choices))
+    return OpChoices(Ops(describe(choices), layer_norm, add_layer_norm, head), optimizer, dict(choices))

@@ -32,7 +32,7 @@ from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.corpora import ensure_dataset
 from fastgpt.data import DataError, Prefetcher, open_tokens, run_streams
 from fastgpt.metrics import MetricsLog, ThroughputMeter, describe_peak, elapsed_before, host_summary, peak_flops
-from fastgpt.ops import KernelChoiceError, check_head_shapes, choose_kernels
+from fastgpt.ops import KernelChoiceError, check_head_shapes, choose_ops
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
 from fastgpt.pretrained import PretrainedError
@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     log = print if dist_info.is_master else (lambda *args, **kwargs: None)
     micro_steps = distributed.micro_steps_per_rank(cfg.gradient_accumulation_steps, dist_info)
     dtype = resolve_dtype(cfg.dtype, device)
-    kernels = choose_kernels(cfg.kernels, device, cfg.kernel_overrides())
+    op_choices = choose_ops(cfg.kernels, device, cfg.kernel_overrides())
     configure_backends(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
@@ -129,7 +129,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     if warning := distributed.restart_warning():
         log(warning)
     log(f"config: {cfg.to_dict()}")
-    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {kernels.ops.name} kernels, "
+    log(f"device {device}, autocast {str(dtype).removeprefix('torch.')}, {op_choices.ops.name} kernels, "
         f"{dist_info.world_size} rank(s)")
 
     # ---------------------------------------------------------------- data
@@ -149,15 +149,15 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
 
     # ---------------------------------------------------------------- model
     model_args, checkpoint = start.model_args, start.checkpoint
-    check_head_shapes(kernels.choices, cfg.batch_size * cfg.block_size, model_args.n_embd, model_args.vocab_size)
+    check_head_shapes(op_choices.choices, cfg.batch_size * cfg.block_size, model_args.n_embd, model_args.vocab_size)
     resumed_from = pathlib.Path(start.source) if checkpoint is not None else None
-    model = build_model(start, kernels.ops).to(device)
+    model = build_model(start, op_choices.ops).to(device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_args}; tokens per iteration {tokens_per_iter:,}")
     if dist_info.is_master:
         check_free_space(cfg.out_dir, model.num_params(non_embedding=False))
 
     # ---------------------------------------------------------------- optimizer
-    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, kernels.optimizer)
+    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, op_choices.optimizer)
     scaler = grad_scaler(device, dtype)
     iter_num, best_val_loss = 0, math.inf
     if resumed_from:
