@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import metrics
-from fastgpt_kernels.common import triton_installed, triton_usable
+# tag_compile_caches is re-exported for the trainer, which reaches the kernels through this module
+# only: it calls it right before torch.compile (every choice's head + loss is a custom op).
+from fastgpt_kernels.common import tag_compile_caches, triton_installed, triton_usable  # noqa: F401
 from fastgpt_kernels.fp8_linear import check_shapes as check_fp8_shapes
 from fastgpt_kernels.fp8_linear import fp8_linear, fp8_unsupported_reason
 from fastgpt_kernels.head_loss import count_targets, linear_cross_entropy, mean_loss

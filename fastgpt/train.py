@@ -32,7 +32,7 @@ from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.corpora import ensure_dataset
 from fastgpt.data import DataError, Prefetcher, open_tokens, run_streams
 from fastgpt.metrics import MetricsLog, ThroughputMeter, describe_peak, elapsed_before, host_summary, peak_flops
-from fastgpt.ops import KernelChoiceError, check_head_shapes, choose_ops
+from fastgpt.ops import KernelChoiceError, check_head_shapes, choose_ops, tag_compile_caches
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.plot import save_plot
 from fastgpt.pretrained import PretrainedError
@@ -176,6 +176,9 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     raw_model = model  # checkpoints hold the uncompiled, unwrapped module's state dict
     if compiles(cfg.compile, device):
         log("compiling the model (the first step takes longer)")
+        # torch's compile caches know our custom ops by name only: key the graphs by the kernels'
+        # code too, or an upgrade reuses a graph built on the old ops. Process-wide, hence here.
+        tag_compile_caches()
         model = torch.compile(model)
     model = distributed.wrap(model, dist_info, device)
     peak = peak_flops(device, dtype)

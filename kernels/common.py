@@ -88,7 +88,9 @@ def tag_compile_caches() -> None:
     torch's compile caches key a graph by the names of the ops in it, not by their code, so a
     graph compiled against an older version of these ops would be reused after an upgrade: a
     changed output arity fails obscurely, a changed meaning (say, a gradient no longer divided
-    by n) would train wrongly without a word. Called where the ops are registered."""
+    by n) would train wrongly without a word. The tag is process-wide (torch.compiler.config),
+    so importing the kernels does not set it: call this right before torch.compile of anything
+    that holds these ops, as the trainer's compile step does. Calling it again changes nothing."""
     tag, current = kernels_source_tag(), torch.compiler.config.cache_key_tag
     if tag not in current:
         torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag

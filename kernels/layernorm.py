@@ -58,8 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for, on_device,
-                            tag_compile_caches)
+from .common import INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for, on_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The backward's grid on CUDA (see backward_grid): warps an SM to keep busy, and the rows per
@@ -429,7 +428,6 @@ def _backward_add_layer_norm(ctx, ds, dy, _dmean, _drstd):
 
 _layer_norm_op.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
 _add_layer_norm_op.register_autograd(_backward_add_layer_norm, setup_context=_setup_add_layer_norm)
-tag_compile_caches()  # compiled graphs holding these ops are cached per version of their code
 
 
 # ---------------------------------------------------------------------------------------------
