@@ -51,5 +51,4 @@ def pytest_terminal_summary(terminalreporter):
     write(f"{ctx['device']}, size {ctx['size']}, {ctx['versions']}, commit {ctx['commit']}, {ctx['run']}")
     for line in SESSION.table():
         write(line)
-    write(f"results appended to {os.environ.get(harness.RESULTS_ENV, harness.DEFAULT_RESULTS)}; "
-          "python -m bench.plot draws them")
+    write(SESSION.results_note)
