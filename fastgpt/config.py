@@ -119,8 +119,8 @@ class TrainConfig:
     compile: typing.Union[bool, str] = field(
         default="auto",
         metadata=_doc(
-            "torch.compile the model; 'auto' = on CUDA only (on CPUs it was measured to save ~2% per step "
-            "for ~30 s of compiling)"
+            "torch.compile the model; 'auto' = on CUDA only (on a CPU, inductor's compile takes longer than "
+            "it saves in a short run; bench/README.md has the figures)"
         ),
     )
     # --- profiling: `--profile` records a few training steps with torch.profiler, writes the traces

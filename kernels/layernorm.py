@@ -41,7 +41,7 @@ and left out, as are the G x N fp32 partials of dw/db, small when M >> G):
 
 e.g. (16384, 768) in bf16: layer_norm forward 50 MB, backward 75 MB.
 
-Limits: a row is held by one program's registers, so N <= fastgpt_kernels.common.MAX_FUSED_BLOCK = 8192,
+Limits: a row is held by one program's registers, so N <= fastgpt_kernels.common.MAX_FUSED_BLOCK,
 the widest row whose backward compiles for sm_90 without spilling (a ValueError otherwise;
 fastgpt.ops sends wider rows to torch); inputs in fp32, bf16 or fp16; weight and bias in any
 float dtype (fp32 parameters with bf16 activations under autocast), gradients returned in each
@@ -220,9 +220,9 @@ def backward_grid(m: int, warps: int, sms: int | None) -> tuple[int, int]:
 
     On CUDA (sms = the SM count): one program per SM (Liger-Kernel's grid) would leave 4 warps an
     SM at GPT-2's width, each waiting on one row's loads at a time. Instead, enough programs for
-    BWD_RESIDENT_WARPS warps an SM, registers permitting (at N = 768: 8 programs of 4 warps at
-    <= 64 registers a thread, what scripts/compile_check.py reports), so several rows are in
-    flight per SM. The price is more partial rows for torch to sum, G x N fp32 for dw and for db:
+    BWD_RESIDENT_WARPS warps an SM, registers permitting (32 warps fit an SM's 64K registers at
+    <= 64 registers a thread; scripts/compile_check.py prints the kernel's count), so several
+    rows are in flight per SM. The price is more partial rows for torch to sum, G x N fp32 for dw and for db:
     at (16384, 768) in bf16 on 132 SMs, G = 1024 and the partials are 6.3 MB written and read
     back, beside the 75 MB the rows move; at most ceil(M / MIN_ROWS_PER_PROGRAM) programs bound them
     for small M (rows are then spread evenly, so a program may take fewer than 8).
