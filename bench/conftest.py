@@ -15,9 +15,18 @@ import os
 import pytest
 
 from bench import harness
+from fastgpt_kernels.common import tag_compile_caches
 
 JSONL_ENV = "FASTGPT_BENCH_JSONL"
 SESSION = harness.Session()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tag_compile_caches():
+    """The suites torch.compile fastgpt's custom ops (the model, the head + loss), and inductor's
+    caches outlive the session: keyed by the ops' names alone, a graph compiled against an earlier
+    version of the kernels would be reused and timed. Tagged as the trainer does before compiling."""
+    tag_compile_caches()
 
 
 @pytest.fixture(autouse=True)
@@ -42,5 +51,4 @@ def pytest_terminal_summary(terminalreporter):
     write(f"{ctx['device']}, size {ctx['size']}, {ctx['versions']}, commit {ctx['commit']}, {ctx['run']}")
     for line in SESSION.table():
         write(line)
-    write(f"results appended to {os.environ.get(harness.RESULTS_ENV, harness.DEFAULT_RESULTS)}; "
-          "python -m bench.plot draws them")
+    write(SESSION.results_note)

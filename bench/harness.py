@@ -7,7 +7,9 @@ runs in minutes) elsewhere; FASTGPT_BENCH_SIZE=cpu|gpu picks the other.
 Results: every benchmark appends one JSON line to FASTGPT_BENCH_RESULTS (default
 bench/results.jsonl) when it ends: suite, provider, shape, median/p20/p80 seconds, device, dtype,
 versions, git commit, time and the benchmark's extra_info, so runs on other machines and days
-can be compared (`python -m bench.plot` draws them).
+can be compared (`python -m bench.plot` draws them). The committed bench/results.jsonl takes rows
+only from a clean checkout: a '+dirty' (or unknown) commit names code nobody can check out again,
+so such a session writes there nothing (FASTGPT_BENCH_RESULTS keeps its rows elsewhere).
 
 Ratios: each suite names the pairs it is judged by (SUITE_PAIRS): fastgpt's provider against
 each baseline, compiled ones included, since nanoGPT compiles by default. The table prints one
@@ -39,6 +41,7 @@ if SIZE not in SIZES:
 LARGE = SIZE == "gpu"
 RESULTS_ENV = "FASTGPT_BENCH_RESULTS"
 DEFAULT_RESULTS = pathlib.Path(__file__).resolve().parent / "results.jsonl"
+DIRTY = "+dirty"  # fastgpt.rundir.git_commit's mark of a tree with uncommitted changes
 # suite -> [(fastgpt's provider, a baseline it is compared with), ...]; a claim against the eager
 # baseline alone would flatter fastgpt where torch.compile closes the gap
 SUITE_PAIRS = {
@@ -71,6 +74,21 @@ def peak_memory_bytes(fn) -> int:
     return cpu_peak_allocated_bytes(fn)
 
 
+def traceable(commit: str | None) -> bool:
+    """Whether a row from `commit` can be traced to code: a commit without uncommitted changes."""
+    return commit is not None and not commit.endswith(DIRTY)
+
+
+def results_path(commit: str | None) -> tuple[pathlib.Path | None, str]:
+    """(the file this session's rows go to, or None; a line saying where they went and why)."""
+    chosen = os.environ.get(RESULTS_ENV)
+    path = pathlib.Path(chosen) if chosen else DEFAULT_RESULTS
+    if path.resolve() == DEFAULT_RESULTS.resolve() and not traceable(commit):
+        return None, (f"results not appended to {DEFAULT_RESULTS}: commit {commit} is not a clean checkout; commit "
+                      f"first, or set {RESULTS_ENV}=PATH to keep them elsewhere")
+    return path, f"results appended to {path}; python -m bench.plot draws them"
+
+
 def _device_name() -> str:
     if CUDA:
         return torch.cuda.get_device_name()
@@ -99,6 +117,7 @@ class Session:
         self.context = {"run": self.started, "device": _device_name(), "size": SIZE, "versions": _versions(),
                         "commit": git_commit()}
         self.records: list[dict] = []
+        self.results_path, self.results_note = results_path(self.context["commit"])
 
     def add(self, name: str, params: dict, stats, extra: dict) -> dict:
         """One benchmark's record (stats: pytest-benchmark's Stats, seconds a round)."""
@@ -121,9 +140,9 @@ class Session:
             "extra": extra,
         }
         self.records.append(record)
-        path = pathlib.Path(os.environ.get(RESULTS_ENV, DEFAULT_RESULTS))
-        with open(path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        if self.results_path is not None:
+            with open(self.results_path, "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
         return record
 
     def table(self) -> list[str]:

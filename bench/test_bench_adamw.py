@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from bench.harness import CUDA, DEVICE, LARGE, sync
-from fastgpt.ops import choose_kernels
+from fastgpt.ops import choose_ops
 from fastgpt.optim import build_adamw
 
 # GPT-2 124M (vocab padded to a multiple of 64, as nanoGPT does), or a CPU-sized stand-in.
@@ -76,7 +76,7 @@ def build(provider: str, block_size: int | None = None):
             p.grad = torch.randn_like(p) * 1e-3
         groups.append({"params": params, "weight_decay": weight_decay})
     if provider == "fastgpt":
-        opt = build_adamw(groups, LR, BETAS, DEVICE.type, choose_kernels("auto", DEVICE).optimizer)
+        opt = build_adamw(groups, LR, BETAS, DEVICE.type, choose_ops("auto", DEVICE).optimizer)
     elif provider == "default":
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS)
     elif provider == "triton":

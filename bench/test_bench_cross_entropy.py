@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from bench import harness
 from bench.harness import CUDA, DEVICE, LARGE, sync
-from fastgpt.ops import choose_kernels
+from fastgpt.ops import choose_ops
 from fastgpt_kernels import head_loss as hl
 from fastgpt_kernels.fp8_linear import fp8_linear
 
@@ -70,7 +70,7 @@ def fp8_head_loss(hidden, weight, targets, ignore):
 
 def loss_fn(provider: str):
     if provider == "fastgpt":  # what the model calls on this device, kernels='auto', compiled where the trainer compiles
-        head_and_loss = choose_kernels("auto", DEVICE).ops.head_and_loss
+        head_and_loss = choose_ops("auto", DEVICE).ops.head_and_loss
         fn = lambda hidden, weight, targets, ignore: head_and_loss(hidden, weight, targets)[1]  # noqa: E731
         return torch.compile(fn) if CUDA else fn
     if provider in ("triton", "chunked"):

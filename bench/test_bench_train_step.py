@@ -44,7 +44,7 @@ from fastgpt.config import read_config_file
 from fastgpt.data import BatchStream, Prefetcher, open_tokens
 from fastgpt.hardware import peak_flops
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.ops import choose_kernels
+from fastgpt.ops import choose_ops
 from fastgpt.optim import make_optimizer
 from fastgpt.hardware import autocast, configure_backends, grad_scaler
 
@@ -78,10 +78,10 @@ def restore_tf32():
 
 def fastgpt_step(fields, batch_size, dtype, path, cleanup):
     configure_backends(DEVICE)  # as train.py: TF32 on CUDA; on a CPU, malloc keeps freed memory
-    kernels = choose_kernels("auto", DEVICE)
+    op_choices = choose_ops("auto", DEVICE)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**fields, dropout=0.0, bias=False), kernels.ops).to(DEVICE)
-    opt = make_optimizer(model, WEIGHT_DECAY, LR, BETAS, DEVICE.type, kernels.optimizer)
+    model = GPT(GPTConfig(**fields, dropout=0.0, bias=False), op_choices.ops).to(DEVICE)
+    opt = make_optimizer(model, WEIGHT_DECAY, LR, BETAS, DEVICE.type, op_choices.optimizer)
     forward = torch.compile(model) if DEVICE.type == "cuda" else model  # the trainer's compile='auto'
     tokens = open_tokens(path, 84, fields["block_size"])
     batches = Prefetcher(BatchStream(tokens, batch_size, fields["block_size"], 0, "train"), DEVICE)
@@ -100,7 +100,7 @@ def fastgpt_step(fields, batch_size, dtype, path, cleanup):
         opt.zero_grad(set_to_none=True)
         sync()
 
-    return step, model, kernels.ops.name
+    return step, model, op_choices.ops.name
 
 
 def reference_step(fields, batch_size, dtype, path, compiled: bool):

@@ -1,6 +1,6 @@
 # Character-level GPT on the complete works of Shakespeare, sized to learn well in 5 minutes on a
-# laptop-class AVX-512 CPU (12 on a 2-core AVX2 VM); the same file runs unchanged on a GPU (bf16
-# autocast and compile switch on).
+# laptop-class AVX-512 CPU (12 on a 2-core AVX2 AMD EPYC VM); the same file runs unchanged on a GPU
+# (bf16 autocast and compile switch on).
 #
 #   python -m fastgpt.train configs/shakespeare_char.py      # also what `python -m fastgpt.train` runs
 #   python -m fastgpt.sample --out_dir=out-shakespeare-char
@@ -12,14 +12,14 @@
 # fp32 matmul peak ~120-150 GFLOP/s) the same run takes 2.6x as long: val loss 1.5735 after 724-732 s
 # of training plus 33-34 s of evaluation in two runs (~381 ms/iter, ~10.7k tok/s). The step is
 # about two thirds fp32 matmuls, so its time scales with the machine's matmul rate; the log's eta
-# says what yours will take after the first log_interval steps. For comparison, nanoGPT's README CPU recipe
-# (4 layers, 128 wide, block 64, batch 12, lr 1e-3, 2,000 steps) reaches 1.90 on this corpus in
-# this trainer at 29 ms/iter (nanoGPT itself was reported at 1.87 and 32 ms/iter).
+# says what yours will take after the first log_interval steps. For comparison, nanoGPT's README
+# CPU recipe (4 layers, 128 wide, block 64, batch 12, lr 1e-3, 2,000 steps) reaches 1.90 on this
+# corpus in this trainer, at 29 ms/iter on the AVX-512 CPU (nanoGPT itself was reported at 1.87).
 #
 # Why this shape: within a fixed few minutes of CPU time a small model that sees more text beats
-# a bigger one that sees less (6 layers x 192 wide runs ~300 ms/iter here, so 5 minutes buy only
-# ~1,000 steps, after which it was reported at ~1.69), so the recipe spends the budget on
-# tokens: 0.8M parameters, 7.8M characters seen (~1.7 epochs).
+# a bigger one that sees less (6 layers x 192 wide runs ~300 ms/iter on the AVX-512 CPU, so 5
+# minutes buy only ~1,000 steps, after which it was reported at ~1.69), so the recipe spends the
+# budget on tokens: 0.8M parameters, 7.8M characters seen (~1.7 epochs).
 
 out_dir = "out-shakespeare-char"
 eval_interval = 500  # 5 evaluations in the run, ~2.3 s each at eval_iters = 25 on the AVX-512 CPU

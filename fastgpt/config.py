@@ -119,8 +119,8 @@ class TrainConfig:
     compile: typing.Union[bool, str] = field(
         default="auto",
         metadata=_doc(
-            "torch.compile the model; 'auto' = on CUDA only (on CPUs it was measured to save ~2% per step "
-            "for ~30 s of compiling)"
+            "torch.compile the model; 'auto' = on CUDA only (on a CPU, inductor's compile takes longer than "
+            "it saves in a short run; bench/README.md has the figures)"
         ),
     )
     # --- profiling: `--profile` records a few training steps with torch.profiler, writes the traces
@@ -220,7 +220,7 @@ class TrainConfig:
         return self.gradient_accumulation_steps * self.batch_size * self.block_size
 
     def kernel_overrides(self) -> dict[str, str | None]:
-        """op -> its own kernel choice (None: as `kernels`), for fastgpt.ops.choose_kernels."""
+        """op -> its own kernel choice (None: as `kernels`), for fastgpt.ops.choose_ops."""
         return {op: getattr(self, name) for op, name in OP_FIELDS.items()}
 
 

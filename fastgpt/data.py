@@ -14,6 +14,7 @@ a background thread, so the training loop never waits for them.
 from __future__ import annotations
 
 import atexit
+import functools
 import pathlib
 import queue
 import threading
@@ -161,13 +162,19 @@ class _Failure:
 _RUNNING: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
 
 
-@atexit.register
 def _close_running_prefetchers() -> None:
     """Stop every worker before the interpreter tears down: a daemon thread still inside torch
     while it does can abort the process ("terminate called without an active exception", exit
     status 134) in a script that never called close()."""
     for prefetcher in list(_RUNNING):
         prefetcher.close()
+
+
+@functools.cache
+def _close_prefetchers_at_exit() -> None:
+    """Register _close_running_prefetchers with atexit, once, when the first worker starts: a
+    process that imports this module without prefetching gets no exit hook of ours."""
+    atexit.register(_close_running_prefetchers)
 
 
 class Prefetcher:
@@ -243,6 +250,7 @@ class Prefetcher:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.depth)
         self._thread = threading.Thread(target=self._work, name="fastgpt-prefetch", daemon=True)
+        _close_prefetchers_at_exit()
         self._thread.start()
         _RUNNING.add(self)
 

@@ -25,7 +25,7 @@ import torch
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.config import TrainConfig
 from fastgpt.model import GPT, GPTConfig, padded_vocab_size
-from fastgpt.ops import Kernels as OpChoices
+from fastgpt.ops import OpChoices
 from fastgpt.ops import check_head_shapes
 from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2_state
 

@@ -50,7 +50,10 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (torch's has no bias=False before 2.1; kept for checkpoints)."""
+    """LayerNorm with an optional bias (torch's has no bias=False before 2.1; kept for checkpoints).
+
+    Given a `branch` (a sublayer's output), it first adds it to the residual stream x and returns
+    (x + branch, LayerNorm(x + branch)): one fused pass with the Triton kernels."""
 
     def __init__(self, ndim: int, bias: bool, ops: Ops = TORCH_OPS):
         super().__init__()
@@ -58,8 +61,10 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.layer_norm(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, branch: torch.Tensor | None = None):
+        if branch is None:
+            return self.ops.layer_norm(x, self.weight, self.bias)
+        return self.ops.add_layer_norm(x, branch, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,11 +111,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, ops=ops)
         self.mlp = MLP(config)
-        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x + attn(ln_1(x)), then ln_2 of that sum: one fused pass with the Triton kernels.
-        x, h = self.ops.add_layer_norm(x, self.attn(self.ln_1(x)), self.ln_2.weight, self.ln_2.bias)
+        x, h = self.ln_2(x, branch=self.attn(self.ln_1(x)))  # x += attn(ln_1(x)); h = ln_2(x)
         return x + self.mlp(h)
 
 

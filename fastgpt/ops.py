@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import hardware
-from fastgpt_kernels.common import triton_installed, triton_usable
+from fastgpt_kernels.common import tag_compile_caches, triton_installed, triton_usable
 from fastgpt_kernels.fp8_linear import check_shapes as check_fp8_shapes
 from fastgpt_kernels.fp8_linear import fp8_linear, fp8_unsupported_reason
 from fastgpt_kernels.head_loss import count_targets, linear_cross_entropy, mean_loss
@@ -60,13 +60,14 @@ class Ops:
 
     name: str
     layer_norm: Callable  # (x, weight, bias) -> y
-    add_layer_norm: Callable  # (x, residual, weight, bias) -> (x + residual, layer_norm(x + residual))
+    add_layer_norm: Callable  # (x, branch, weight, bias) -> (x + branch, layer_norm(x + branch))
     head_and_loss: Callable  # (hidden (N, C), weight (V, C), targets (N,)) -> (logits (N, V) or None, mean loss)
 
 
 @dataclass(frozen=True)
-class Kernels:
-    """One implementation choice: the model's ops and the optimizer class that goes with them."""
+class OpChoices:
+    """What the per-op choices resolve to: the model's ops, the optimizer class that goes with
+    them, and the choices themselves."""
 
     ops: Ops
     optimizer: type  # an AdamW with torch.optim.AdamW's constructor and state_dict
@@ -123,14 +124,14 @@ def resolve_choices(kernels: str, overrides: dict[str, str | None], device: torc
     return choices
 
 
-def choose_kernels(kernels: str, device: torch.device | str, overrides: dict[str, str | None] | None = None) -> Kernels:
+def choose_ops(kernels: str, device: torch.device | str, overrides: dict[str, str | None] | None = None) -> OpChoices:
     """The implementations `kernels` and the per-op `overrides` (op -> choice or None) name on
     `device` (see resolve_choices)."""
     device = torch.device(device)
     gpu_name = capability = None
     if device.type == "cuda":
         gpu_name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    return build_kernels(resolve_choices(kernels, overrides or {}, device, gpu_name, capability))
+    return build_ops(resolve_choices(kernels, overrides or {}, device, gpu_name, capability))
 
 
 def describe(choices: dict[str, str]) -> str:
@@ -159,8 +160,8 @@ def _torch_layer_norm(x, weight, bias):
     return F.layer_norm(x, weight.shape, weight, bias, LN_EPS)
 
 
-def _torch_add_layer_norm(x, residual, weight, bias):
-    s = x + residual
+def _torch_add_layer_norm(x, branch, weight, bias):
+    s = x + branch
     return s, F.layer_norm(s, weight.shape, weight, bias, LN_EPS)
 
 
@@ -208,11 +209,11 @@ def _triton_layer_norms() -> tuple[Callable, Callable]:
 
     # Rows wider than one program holds (n_embd > MAX_FUSED_BLOCK) take torch's LayerNorm: the
     # same function and parameters, so nothing else changes.
-    def add_layer_norm(x, residual, weight, bias):
+    def add_layer_norm(x, branch, weight, bias):
         if x.shape[-1] > MAX_FUSED_BLOCK:
-            return _torch_add_layer_norm(x, residual, weight, bias)
+            return _torch_add_layer_norm(x, branch, weight, bias)
         # The residual stream keeps its dtype (fp32 under autocast); the branch output joins it.
-        return layernorm.add_layer_norm(x, residual.to(x.dtype), weight, bias, LN_EPS)
+        return layernorm.add_layer_norm(x, branch.to(x.dtype), weight, bias, LN_EPS)
 
     def layer_norm(x, weight, bias):
         if x.shape[-1] > MAX_FUSED_BLOCK:
@@ -228,10 +229,10 @@ def _triton_head_and_loss(hidden, weight, targets):
     return None, linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, IGNORE_INDEX, impl="triton")
 
 
-def build_kernels(choices: dict[str, str]) -> Kernels:
+def build_ops(choices: dict[str, str]) -> OpChoices:
     """The ops and optimizer that `choices` (op -> 'torch', 'triton' or 'fp8') name."""
     if all(choice == "torch" for choice in choices.values()):
-        return Kernels(TORCH_OPS, torch.optim.AdamW, dict(choices))
+        return OpChoices(TORCH_OPS, torch.optim.AdamW, dict(choices))
     layer_norm, add_layer_norm = (_triton_layer_norms() if choices["layer_norm"] == "triton"
                                   else (_torch_layer_norm, _torch_add_layer_norm))
     head = {"torch": _torch_head_and_loss, "triton": _triton_head_and_loss, "fp8": _fp8_head_and_loss}[choices["head_loss"]]
@@ -240,4 +241,13 @@ def build_kernels(choices: dict[str, str]) -> Kernels:
         from fastgpt_kernels.adamw import TritonAdamW
 
         optimizer = TritonAdamW
-    return Kernels(Ops(describe(choices), layer_norm, add_layer_norm, head), optimizer, dict(choices))
+    return OpChoices(Ops(describe(choices), layer_norm, add_layer_norm, head), optimizer, dict(choices))
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile, with the compile caches keyed by our kernels' code too: torch knows the
+    custom ops (every choice's head + loss is one) by name only, so without the tag an upgrade
+    would reuse graphs built on the old ops. The tag is process-wide, hence set here, when a model
+    is compiled, and not at import."""
+    tag_compile_caches()
+    return torch.compile(model)

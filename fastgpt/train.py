@@ -32,7 +32,7 @@ from fastgpt.data import DataError, Prefetcher, open_streams
 from fastgpt.hardware import (RuntimeConfigError, autocast, compiles, configure_backends, describe_peak, grad_scaler,
                               host_summary, peak_flops, resolve_device, resolve_dtype)
 from fastgpt.metrics import Reporter, ThroughputMeter, Tracker, elapsed_before
-from fastgpt.ops import KernelChoiceError, choose_kernels
+from fastgpt.ops import KernelChoiceError, choose_ops, compile_model
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
 from fastgpt.outdir import RunDirError
 from fastgpt.pretrained import PretrainedError
@@ -109,7 +109,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     dist_info, device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.ddp_timeout)
     log = print if dist_info.is_master else (lambda *args, **kwargs: None)
     micro_steps = distributed.micro_steps_per_rank(cfg.gradient_accumulation_steps, dist_info)
-    dtype, kernels = resolve_dtype(cfg.dtype, device), choose_kernels(cfg.kernels, device, cfg.kernel_overrides())
+    dtype, op_choices = resolve_dtype(cfg.dtype, device), choose_ops(cfg.kernels, device, cfg.kernel_overrides())
     configure_backends(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ctx = autocast(device, dtype)
@@ -117,7 +117,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     if dist_info.is_master:
         outdir.prepare(cfg.out_dir)  # before the data and the model, so a bad out_dir fails in seconds
     record = outdir.run_record(cfg.to_dict(), device, dist_info.world_size, host_summary())
-    log_setup(log, record, dtype, kernels.ops.name)
+    log_setup(log, record, dtype, op_choices.ops.name)
 
     # ---------------------------------------------------------------- data, and where the model comes from
     data_dir = pathlib.Path(cfg.data_root) / cfg.dataset
@@ -129,8 +129,8 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     cleanup.callback(lambda: [stream.close() for stream in streams.values()])
 
     # ---------------------------------------------------------------- model, optimizer, resume
-    model = init_from.build_model(init, kernels, cfg.batch_size, cfg.block_size, cfg.tokens_per_iter, log).to(device)
-    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, kernels.optimizer)
+    model = init_from.build_model(init, op_choices, cfg.batch_size, cfg.block_size, cfg.tokens_per_iter, log).to(device)
+    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, op_choices.optimizer)
     scaler = grad_scaler(device, dtype)
     iter_num, best_val_loss = init_from.restore_training_state(init, optimizer, scaler, streams, dist_info, cfg.seed, log)
     first_iter, resumed_from = iter_num, init.resumed_from
@@ -144,7 +144,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     raw_model = model  # checkpoints hold the uncompiled, unwrapped module's state dict
     if compiles(cfg.compile, device):
         log("compiling the model (the first step takes longer)")
-        model = torch.compile(model)
+        model = compile_model(model)
     model = distributed.wrap(model, dist_info, device)
     log(describe_peak(device, dtype, peak := peak_flops(device, dtype)))
     flops_per_iter = raw_model.flops_per_token() * cfg.tokens_per_iter / dist_info.world_size  # per device

@@ -17,10 +17,11 @@ import torch
 # Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported) runs kernels with
 # numpy: slow, but exact enough to test them on a machine without a GPU.
 INTERPRET_ENV = "TRITON_INTERPRET"
-# Widest row one program holds in registers. Compiled for sm_90 (scripts/compile_check.py), the
-# LayerNorm backward keeps x, dy, w and the dw/db sums of a row in registers without spilling up
-# to 8192 elements (16 warps, 97-123 registers a thread); at 16384 it spills to local memory,
-# with 16 warps or 32. Wider rows need a looping kernel; until one exists they go to torch.
+# Widest row one program holds in registers: compiled for sm_90, the LayerNorm backward keeps x, dy,
+# w and the dw/db sums of a row in registers without spilling up to this width, and spills to local
+# memory at twice it (tests/kernels/test_compile_sm90.py checks both; scripts/compile_check.py
+# prints the registers, bench/README.md the last figures). Wider rows need a looping kernel; until
+# one exists they go to torch.
 MAX_FUSED_BLOCK = 8192
 
 
@@ -88,7 +89,9 @@ def tag_compile_caches() -> None:
     torch's compile caches key a graph by the names of the ops in it, not by their code, so a
     graph compiled against an older version of these ops would be reused after an upgrade: a
     changed output arity fails obscurely, a changed meaning (say, a gradient no longer divided
-    by n) would train wrongly without a word. Called where the ops are registered."""
+    by n) would train wrongly without a word. The tag is process-wide (torch.compiler.config),
+    so importing the kernels does not set it: call this right before torch.compile of anything
+    that holds these ops, as the trainer's compile step does. Calling it again changes nothing."""
     tag, current = kernels_source_tag(), torch.compiler.config.cache_key_tag
     if tag not in current:
         torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import as_2d, tag_compile_caches
+from .common import as_2d
 
 # Bytes of chunk logits the op holds at once: chunks large enough that each chunk's matmuls run at
 # full speed on a GPU (>= 2k rows at GPT-2's vocabulary in bf16) and on a multi-core CPU, few
@@ -294,7 +294,6 @@ def _linear_backward(ctx, grad_loss, *_):
 
 
 _linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup)
-tag_compile_caches()  # compiled graphs holding this op are cached per version of its code
 
 
 # --- public API --------------------------------------------------------------------------------

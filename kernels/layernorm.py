@@ -20,12 +20,13 @@ an SM; see backward_grid) takes a contiguous group of rows, accumulates its part
 registers and writes one row of a (G, N) buffer; torch sums the G partials afterwards. No
 atomics, and the result does not depend on scheduling.
 
-Fused residual (llm.c's fused_residual_forward; the GPT-2 block `x = x + attn(ln_1(x))` followed
-by `ln_2(x)`): s = x + residual is rounded to the input dtype, written out, and normalized in the
-same pass, so the norm sees exactly the s it returns and that the backward rereads:
+Fused residual add (llm.c's fused_residual_forward; the GPT-2 block `x = x + attn(ln_1(x))`
+followed by `ln_2(x)`, x the residual stream and branch = attn(ln_1(x)) the output added to it):
+s = x + branch is rounded to the input dtype, written out, and normalized in the same pass, so
+the norm sees exactly the s it returns and that the backward rereads:
 
-    s, y = x + residual, layer_norm(x + residual)
-    dx = dresidual = ds + (the dx above, for the input s)
+    s, y = x + branch, layer_norm(x + branch)
+    dx = dbranch = ds + (the dx above, for the input s)
 
 ds is the gradient arriving from the next residual add, dy the one through the norm; both
 inputs of the add get the same gradient, so the op returns one tensor for both.
@@ -35,12 +36,12 @@ and left out, as are the G x N fp32 partials of dw/db, small when M >> G):
 
     layer_norm        forward  read x, write y               2e
                       backward read x, dy, write dx           3e
-    add_layer_norm    forward  read x, residual, write s, y   4e
+    add_layer_norm    forward  read x, branch, write s, y     4e
                       backward read s, dy, ds, write dx       4e
 
 e.g. (16384, 768) in bf16: layer_norm forward 50 MB, backward 75 MB.
 
-Limits: a row is held by one program's registers, so N <= fastgpt_kernels.common.MAX_FUSED_BLOCK = 8192,
+Limits: a row is held by one program's registers, so N <= fastgpt_kernels.common.MAX_FUSED_BLOCK,
 the widest row whose backward compiles for sm_90 without spilling (a ValueError otherwise;
 fastgpt.ops sends wider rows to torch); inputs in fp32, bf16 or fp16; weight and bias in any
 float dtype (fp32 parameters with bf16 activations under autocast), gradients returned in each
@@ -57,8 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for, on_device,
-                            tag_compile_caches)
+from .common import INTERPRET_PROGRAMS, MAX_FUSED_BLOCK, as_2d, cdiv, next_power_of_2, num_warps_for, on_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The backward's grid on CUDA (see backward_grid): warps an SM to keep busy, and the rows per
@@ -76,9 +76,9 @@ MIN_ROWS_PER_PROGRAM = 8
 def _layer_norm_fwd_kernel(
     X,  # (M, N) input
     stride_xm,
-    R,  # (M, N) residual, read only when HAS_RESIDUAL
-    stride_rm,
-    S,  # (M, N) output x + residual, written only when HAS_RESIDUAL
+    BRANCH,  # (M, N) the branch output added to x, read only when HAS_BRANCH
+    stride_brm,
+    S,  # (M, N) output x + branch, written only when HAS_BRANCH
     stride_sm,
     Y,  # (M, N) output
     stride_ym,
@@ -88,7 +88,7 @@ def _layer_norm_fwd_kernel(
     Rstd,  # (M,) fp32 output
     N,  # row width
     eps,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,  # next power of two >= N
 ):
@@ -97,9 +97,9 @@ def _layer_norm_fwd_kernel(
     mask = cols < N
 
     x = tl.load(X + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(S.dtype.element_ty)  # rounded once, as the stored s the backward rereads
+    if HAS_BRANCH:
+        br = tl.load(BRANCH + row * stride_brm + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + br).to(S.dtype.element_ty)  # rounded once, as the stored s the backward rereads
         tl.store(S + row * stride_sm + cols, s, mask=mask)
         x = s.to(tl.float32)
 
@@ -180,7 +180,7 @@ def _layer_norm_bwd_kernel(
 
 
 def _check_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  residual: Optional[torch.Tensor] = None) -> None:
+                  branch: Optional[torch.Tensor] = None) -> None:
     """ValueError naming the shapes when the inputs do not fit together or the kernel's limits."""
     n = x.shape[-1] if x.dim() else 0
     if x.dim() == 0 or n == 0:
@@ -194,11 +194,11 @@ def _check_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional
         raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}; expected ({n},), the last dim of x {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected ({n},), the last dim of x {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+    for name, t in (("weight", weight), ("bias", bias), ("branch", branch)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"{op}: residual is {tuple(residual.shape)} {residual.dtype}; expected x's "
+    if branch is not None and (branch.shape != x.shape or branch.dtype != x.dtype):
+        raise ValueError(f"{op}: branch is {tuple(branch.shape)} {branch.dtype}; expected x's "
                          f"{tuple(x.shape)} {x.dtype}")
 
 
@@ -220,9 +220,9 @@ def backward_grid(m: int, warps: int, sms: int | None) -> tuple[int, int]:
 
     On CUDA (sms = the SM count): one program per SM (Liger-Kernel's grid) would leave 4 warps an
     SM at GPT-2's width, each waiting on one row's loads at a time. Instead, enough programs for
-    BWD_RESIDENT_WARPS warps an SM, registers permitting (at N = 768: 8 programs of 4 warps at
-    <= 64 registers a thread, what scripts/compile_check.py reports), so several rows are in
-    flight per SM. The price is more partial rows for torch to sum, G x N fp32 for dw and for db:
+    BWD_RESIDENT_WARPS warps an SM, registers permitting (32 warps fit an SM's 64K registers at
+    <= 64 registers a thread; scripts/compile_check.py prints the kernel's count), so several
+    rows are in flight per SM. The price is more partial rows for torch to sum, G x N fp32 for dw and for db:
     at (16384, 768) in bf16 on 132 SMs, G = 1024 and the partials are 6.3 MB written and read
     back, beside the 75 MB the rows move; at most ceil(M / MIN_ROWS_PER_PROGRAM) programs bound them
     for small M (rows are then spread evenly, so a program may take fewer than 8).
@@ -238,29 +238,29 @@ def backward_grid(m: int, warps: int, sms: int | None) -> tuple[int, int]:
 
 
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
-                       residual: Optional[torch.Tensor] = None):
-    """(s, y, mean, rstd): s = x + residual (None without residual), y = LayerNorm(s or x) in x's
+                       branch: Optional[torch.Tensor] = None):
+    """(s, y, mean, rstd): s = x + branch (None without branch), y = LayerNorm(s or x) in x's
     dtype and shape, mean and rstd fp32 of shape x.shape[:-1]."""
-    _check_inputs("add_layer_norm" if residual is not None else "layer_norm", x, weight, bias, residual)
+    _check_inputs("add_layer_norm" if branch is not None else "layer_norm", x, weight, bias, branch)
     shape = x.shape
     x2 = as_2d(x)  # (M, N)
     m, n = x2.shape
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    r2 = as_2d(residual) if residual is not None else None
-    s2 = torch.empty_like(x2) if residual is not None else None
+    br2 = as_2d(branch) if branch is not None else None
+    s2 = torch.empty_like(x2) if branch is not None else None
     y2 = torch.empty_like(x2)
     mean = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     if m > 0:
         block, warps = _launch_config(n)
         # Absent tensors are never read or written (constexpr flags), any pointer stands in.
-        r_arg = r2 if r2 is not None else x2
+        br_arg = br2 if br2 is not None else x2
         s_arg = s2 if s2 is not None else y2
         with on_device(x2):
             _layer_norm_fwd_kernel[(m,)](
                 x2, x2.stride(0),
-                r_arg, r_arg.stride(0),
+                br_arg, br_arg.stride(0),
                 s_arg, s_arg.stride(0),
                 y2, y2.stride(0),
                 weight,
@@ -269,7 +269,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                 rstd,
                 n,
                 eps,
-                HAS_RESIDUAL=residual is not None,
+                HAS_BRANCH=branch is not None,
                 HAS_BIAS=bias is not None,
                 BLOCK_N=block,
                 num_warps=warps,
@@ -343,10 +343,10 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return y.to(x.dtype)
 
 
-def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def add_layer_norm_reference(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor,
                              bias: Optional[torch.Tensor] = None, eps: float = 1e-5):
-    """(s, y): s = x + residual and y = LayerNorm(s), computed in fp32, returned in x's dtype."""
-    s = (x.float() + residual.float()).to(x.dtype)
+    """(s, y): s = x + branch and y = LayerNorm(s), computed in fp32, returned in x's dtype."""
+    s = (x.float() + branch.float()).to(x.dtype)
     return s, layer_norm_reference(s, weight, bias, eps)
 
 
@@ -373,14 +373,14 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("fastgpt::add_layer_norm", mutates_args=())
-def _add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _add_layer_norm_op(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_forward(x, weight, bias, eps, residual=residual)
+    return layer_norm_forward(x, weight, bias, eps, branch=branch)
 
 
 @_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps):
-    _check_inputs("add_layer_norm", x, weight, bias, residual)
+def _(x, branch, weight, bias, eps):
+    _check_inputs("add_layer_norm", x, weight, bias, branch)
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
     s = torch.empty_like(x, memory_format=torch.contiguous_format)
     return s, torch.empty_like(s), stats, torch.empty_like(stats)
@@ -415,20 +415,19 @@ def _backward_layer_norm(ctx, dy, _dmean, _drstd):
 def _setup_add_layer_norm(ctx, inputs, output):
     _, _, weight, bias, _ = inputs
     s, _, mean, rstd = output
-    ctx.save_for_backward(s, weight, mean, rstd)  # s, not x and residual: one tensor to keep
+    ctx.save_for_backward(s, weight, mean, rstd)  # s, not x and branch: one tensor to keep
     ctx.has_bias = bias is not None
 
 
 def _backward_add_layer_norm(ctx, ds, dy, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _layer_norm_backward_op(dy, ds, s, weight, mean, rstd, ctx.has_bias)
-    # d(x + residual)/dx = d(x + residual)/dresidual = 1: both get the same tensor.
+    # d(x + branch)/dx = d(x + branch)/dbranch = 1: both get the same tensor.
     return dx, dx, dw, db if ctx.has_bias else None, None
 
 
 _layer_norm_op.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
 _add_layer_norm_op.register_autograd(_backward_add_layer_norm, setup_context=_setup_add_layer_norm)
-tag_compile_caches()  # compiled graphs holding these ops are cached per version of their code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,9 +442,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor,
                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, y) with s = x + residual and y = layer_norm(s, weight, bias, eps), in one pass over
+    """(s, y) with s = x + branch and y = layer_norm(s, weight, bias, eps), in one pass over
     memory; both outputs are differentiable."""
-    s, y, _, _ = _add_layer_norm_op(x, residual, weight, bias, eps)
+    s, y, _, _ = _add_layer_norm_op(x, branch, weight, bias, eps)
     return s, y

@@ -132,7 +132,7 @@ def cases(recorder: Recorder, widths: list[int]) -> None:
             tag = f"{name} N={n}{' w=' + w_name if w_name != name else ''}{' bias' if has_bias else ''}"
             recorder.launch(f"layer_norm fwd {tag}", layernorm.layer_norm_forward, x, w, bias, 1e-5)
             recorder.launch(f"add_layer_norm fwd {tag}", layernorm.layer_norm_forward, x, w, bias, 1e-5,
-                            residual=x.clone())
+                            branch=x.clone())
             recorder.launch(f"layer_norm bwd {tag}", layernorm.layer_norm_backward,
                             x, None, x, w, mean, rstd, has_bias)
             recorder.launch(f"add_layer_norm bwd {tag}", layernorm.layer_norm_backward,

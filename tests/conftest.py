@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastgpt.config import TrainConfig
+from fastgpt_kernels.common import tag_compile_caches
 
 # A character vocabulary this small keeps the embedding tiny while exercising the meta.pkl path.
 TINY_VOCAB = 32
@@ -59,6 +60,14 @@ def tiny_config(tmp_path, data_root, **overrides) -> TrainConfig:
 def cli_args(cfg: TrainConfig) -> list[str]:
     """cfg as the `--key=value` command line that python -m fastgpt.train parses back into it."""
     return [f"--{k}={v!r}" for k, v in cfg.to_dict().items()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tag_compile_caches():
+    """Tests torch.compile graphs holding fastgpt's custom ops, and inductor's caches outlive the
+    run (in /tmp): keyed by the ops' names alone, a graph compiled against an earlier version of
+    the kernels would be reused. The trainer tags the caches before it compiles; so do the tests."""
+    tag_compile_caches()
 
 
 @pytest.fixture(autouse=True)

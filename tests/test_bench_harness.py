@@ -43,6 +43,37 @@ def test_results_file_has_one_complete_line_per_benchmark(session, tmp_path):
     assert "torch" in first["versions"]
 
 
+def test_committed_results_come_from_clean_checkouts():
+    """A row from a tree with uncommitted changes names code that no one can check out again."""
+    lines = harness.DEFAULT_RESULTS.read_text().splitlines() if harness.DEFAULT_RESULTS.exists() else []
+    commits = {json.loads(line)["commit"] for line in lines if line.strip()}
+    assert all(harness.traceable(c) for c in commits), sorted(map(str, commits))
+
+
+@pytest.mark.parametrize("commit", ["abc123+dirty", None])
+def test_a_dirty_tree_writes_nothing_to_the_committed_results(commit, tmp_path, monkeypatch):
+    committed = tmp_path / "results.jsonl"
+    monkeypatch.setattr(harness, "DEFAULT_RESULTS", committed)
+    monkeypatch.setattr(harness, "git_commit", lambda: commit)
+    monkeypatch.delenv(harness.RESULTS_ENV, raising=False)
+    record = ("test_adamw_step[fastgpt]", {"provider": "fastgpt"}, stats(1.0, [1.0]), {"suite": "adamw"})
+    s = harness.Session()
+    s.add(*record)
+    assert not committed.exists() and len(s.records) == 1  # the table still shows it
+    assert s.results_note.startswith(f"results not appended to {committed}: commit {commit} ")
+    monkeypatch.setenv(harness.RESULTS_ENV, str(committed))  # named explicitly: still refused
+    harness.Session().add(*record)
+    assert not committed.exists()
+    elsewhere = tmp_path / "mine.jsonl"
+    monkeypatch.setenv(harness.RESULTS_ENV, str(elsewhere))
+    harness.Session().add(*record)
+    assert json.loads(elsewhere.read_text())["commit"] == commit
+    monkeypatch.delenv(harness.RESULTS_ENV)
+    monkeypatch.setattr(harness, "git_commit", lambda: "abc123")
+    harness.Session().add(*record)
+    assert json.loads(committed.read_text())["commit"] == "abc123"
+
+
 def rows(table: list[str], suite: str) -> dict[str, str]:
     """'ours / baseline' -> the rest of its row, for one suite's rows."""
     out = {}

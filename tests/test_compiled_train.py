@@ -10,7 +10,7 @@ import torch
 import torch._dynamo.utils
 
 from fastgpt.train import train
-from fastgpt_kernels.common import triton_usable
+from fastgpt_kernels.common import kernels_source_tag, triton_usable
 
 from conftest import tiny_config
 from test_ddp import COMMON, assert_same_training, count_allreduces, weights_and_moments
@@ -27,7 +27,9 @@ def test_compiled_bf16_run_with_triton_ops_trains_as_the_eager_one(tmp_path, tin
                eval_interval=6, log_interval=1, lr_decay_iters=12)
     eager = train(tiny_config(tmp_path / "eager", data_root, compile=False, **cfg))
     torch._dynamo.utils.counters.clear()
-    compiled = train(tiny_config(tmp_path / "compiled", data_root, compile=True, **cfg))
+    with torch.compiler.config.patch(cache_key_tag=""):  # as a fresh process has it
+        compiled = train(tiny_config(tmp_path / "compiled", data_root, compile=True, **cfg))
+        assert torch.compiler.config.cache_key_tag == kernels_source_tag()  # train() tagged before compiling
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     assert not torch._dynamo.utils.counters["graph_break"]  # through the custom ops, not around them
     losses = [loss for _, loss in compiled.history["train"]]

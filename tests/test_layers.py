@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import pathlib
 import re
+import subprocess
 import sys
 
 import pytest
@@ -159,6 +162,53 @@ def test_nothing_imports_the_kernels_folder_by_its_own_name():
                 [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n and n.split(".")[0] == "kernels"]
     assert offenders == []
+
+
+# Imports every module named on its command line into a fresh interpreter, after torch, numpy and
+# triton (whose own exit hooks are not ours to count), and reports what changed process-wide:
+# torch.compile's cache-key tag, the atexit handlers, and the C libraries loaded through ctypes
+# (glibc's mallopt, fastgpt.runtime.keep_freed_memory, is reached that way). Then it calls the
+# trainer's tag_compile_caches, which must set the tag.
+IMPORT_EFFECTS = r"""
+import atexit, ctypes, importlib, json, sys
+import numpy, torch
+try:
+    import triton
+except ImportError:
+    pass
+registered, libraries = [], []
+real_register, real_cdll = atexit.register, ctypes.CDLL
+atexit.register = lambda fn, *a, **k: (registered.append(getattr(fn, "__qualname__", repr(fn))), real_register(fn, *a, **k))[1]
+class Recorded(real_cdll):
+    def __init__(self, name, *args, **kwargs):
+        libraries.append(str(name))
+        super().__init__(name, *args, **kwargs)
+ctypes.CDLL = Recorded
+tag, hooks = torch.compiler.config.cache_key_tag, atexit._ncallbacks()
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+after_import = dict(tag_changed=torch.compiler.config.cache_key_tag != tag, new_hooks=atexit._ncallbacks() - hooks,
+                    registered=registered, libraries=libraries)
+from fastgpt.ops import tag_compile_caches
+from fastgpt_kernels.common import kernels_source_tag
+tag_compile_caches()
+print(json.dumps(dict(after_import=after_import, tagged=torch.compiler.config.cache_key_tag == kernels_source_tag())))
+"""
+
+
+def test_importing_any_module_changes_no_process_wide_state():
+    """Importing fastgpt or its kernels registers torch ops and nothing else: the compile-cache tag,
+    the exit hooks and the allocator setting are left to the commands that call for them, since
+    they hold for the whole process (a notebook, a test session, another trainer importing us)."""
+    modules = [module_name(p) for p in source_files()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py: importing triton needs it without a GPU
+    proc = subprocess.run([sys.executable, "-c", IMPORT_EFFECTS, *modules], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["after_import"] == dict(tag_changed=False, new_hooks=0, registered=[], libraries=[])
+    assert report["tagged"], "tag_compile_caches() did not put the kernels' source hash in the cache key"
 
 
 def closure(graph: dict[str, set[str]], start: str) -> set[str]:

@@ -25,6 +25,19 @@ def test_state_dict_uses_nanogpt_names():
     assert not any("bias" in k for k in tiny(bias=False).state_dict())
 
 
+def test_forward_runs_every_layer_norm_in_order():
+    """Each LayerNorm module is applied through its own forward (ln_2 fuses the residual add in),
+    so hooks, profilers and readers see all of them: ln_1 and ln_2 per block, then ln_f."""
+    m = tiny()
+    ran = []
+    for name, module in m.named_modules():
+        if name.rsplit(".", 1)[-1].startswith("ln_"):
+            module.register_forward_hook(lambda mod, args, out, name=name: ran.append(name))
+    m(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+    assert ran == ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2",
+                   "transformer.ln_f"]
+
+
 def test_embeddings_are_tied():
     m = tiny()
     assert m.transformer.wte.weight is m.lm_head.weight

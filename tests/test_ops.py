@@ -8,7 +8,7 @@ import torch
 
 from fastgpt import hardware, ops
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.ops import KernelChoiceError, TORCH_OPS, choose_kernels, resolve_choices
+from fastgpt.ops import KernelChoiceError, TORCH_OPS, choose_ops, resolve_choices
 from fastgpt.train import train
 
 from conftest import tiny_config
@@ -20,29 +20,29 @@ CPU = torch.device("cpu")
 
 def test_auto_is_torch_without_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    auto = choose_kernels("auto", CPU)
+    auto = choose_ops("auto", CPU)
     assert auto.ops is TORCH_OPS and auto.optimizer is torch.optim.AdamW
     with pytest.raises(KernelChoiceError, match=r"kernels='triton' cannot run here: device cpu is not CUDA"):
-        choose_kernels("triton", CPU)
-    assert choose_kernels("torch", CPU).ops is TORCH_OPS
+        choose_ops("triton", CPU)
+    assert choose_ops("torch", CPU).ops is TORCH_OPS
     with pytest.raises(KernelChoiceError, match=r"kernels='cuda' is not allowed"):
-        choose_kernels("cuda", CPU)
+        choose_ops("cuda", CPU)
 
 
 def test_triton_allowed_on_cpu_under_the_interpreter(monkeypatch):
     from fastgpt_kernels.adamw import TritonAdamW
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton = choose_kernels("triton", CPU)
+    triton = choose_ops("triton", CPU)
     assert triton.ops.name == "triton" and triton.optimizer is TritonAdamW
-    assert choose_kernels("auto", CPU).ops is TORCH_OPS  # auto never picks the (slow) interpreter
+    assert choose_ops("auto", CPU).ops is TORCH_OPS  # auto never picks the (slow) interpreter
 
 
 def pair(bias=True):
     cfg = GPTConfig(block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=48, bias=bias)
     torch.manual_seed(0)
     a = GPT(cfg, TORCH_OPS)
-    b = GPT(cfg, choose_kernels("triton", CPU).ops)
+    b = GPT(cfg, choose_ops("triton", CPU).ops)
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -78,17 +78,17 @@ def test_rows_wider_than_one_program_go_to_torch(monkeypatch):
     from fastgpt_kernels import layernorm
     from fastgpt_kernels.common import MAX_FUSED_BLOCK
 
-    ops = choose_kernels("triton", CPU).ops
+    ops = choose_ops("triton", CPU).ops
     calls = []
     monkeypatch.setattr(layernorm, "layer_norm", lambda *a: calls.append("ln") or TORCH_OPS.layer_norm(*a[:3]))
     monkeypatch.setattr(layernorm, "add_layer_norm", lambda *a: calls.append("add") or TORCH_OPS.add_layer_norm(*a[:4]))
     for width, routed in ((MAX_FUSED_BLOCK, ["ln", "add"]), (MAX_FUSED_BLOCK + 1, [])):
         calls.clear()
-        x, r = torch.randn(2, width), torch.randn(2, width)
+        x, branch = torch.randn(2, width), torch.randn(2, width)
         w, b = torch.rand(width) + 0.5, torch.randn(width)
         torch.testing.assert_close(ops.layer_norm(x, w, b), TORCH_OPS.layer_norm(x, w, b))
-        s, y = ops.add_layer_norm(x, r, w, b)
-        s_ref, y_ref = TORCH_OPS.add_layer_norm(x, r, w, b)
+        s, y = ops.add_layer_norm(x, branch, w, b)
+        s_ref, y_ref = TORCH_OPS.add_layer_norm(x, branch, w, b)
         torch.testing.assert_close(s, s_ref)
         torch.testing.assert_close(y, y_ref)
         assert calls == routed, width
@@ -146,11 +146,11 @@ def test_each_op_is_chosen_on_its_own(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     choices = resolve_choices("torch", {"optimizer": "triton", "head_loss": "fp8"}, CPU)
     assert choices == {"layer_norm": "torch", "head_loss": "fp8", "optimizer": "triton"}
-    kernels = ops.build_kernels(choices)
+    op_choices = ops.build_ops(choices)
     from fastgpt_kernels.adamw import TritonAdamW
 
-    assert kernels.optimizer is TritonAdamW and kernels.ops.layer_norm is ops._torch_layer_norm
-    assert kernels.ops.name == "layer_norm=torch, head_loss=fp8, optimizer=triton"
+    assert op_choices.optimizer is TritonAdamW and op_choices.ops.layer_norm is ops._torch_layer_norm
+    assert op_choices.ops.name == "layer_norm=torch, head_loss=fp8, optimizer=triton"
     # an op's own choice wins over `kernels`, and None leaves it to `kernels`
     assert resolve_choices("triton", {"layer_norm": "torch", "head_loss": None}, CPU)["head_loss"] == "triton"
 
@@ -193,7 +193,7 @@ def test_the_fp8_head_trains_like_the_torch_head():
     cfg = GPTConfig(block_size=16, vocab_size=128, n_layer=1, n_head=2, n_embd=32, bias=False)
     torch.manual_seed(0)
     a = GPT(cfg, TORCH_OPS)
-    b = GPT(cfg, ops.build_kernels({**ALL_TORCH, "head_loss": "fp8"}).ops)
+    b = GPT(cfg, ops.build_ops({**ALL_TORCH, "head_loss": "fp8"}).ops)
     b.load_state_dict(a.state_dict())
     x, y = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (4, 16))
     y[0, :3] = -1

@@ -151,6 +151,21 @@ def test_interpreter_exits_without_close(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stdout, proc.stderr)
 
 
+def test_the_exit_hook_is_registered_by_the_first_worker_not_by_import(tmp_path):
+    path = tmp_path / "t.bin"
+    TOKENS.tofile(path)
+    code = (
+        "import atexit, numpy as np; from fastgpt.data import BatchStream, Prefetcher; n = atexit._ncallbacks();"
+        f"t = np.memmap({str(path)!r}, dtype=np.uint16, mode='r');"
+        "ps = [Prefetcher(BatchStream(t, 4, 16, s, 'train'), 'cpu') for s in (0, 1)]; made = atexit._ncallbacks() - n;"
+        "next(ps[0]); first = atexit._ncallbacks() - n; next(ps[1]); print(made, first, atexit._ncallbacks() - n)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "1", "1"]  # none for building prefetchers, one for all workers
+
+
 def anon_and_file_rss() -> tuple[int, int]:
     """(RssAnon, RssFile) in bytes: the process's private memory, and file pages it maps."""
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))

@@ -15,7 +15,7 @@ import torch
 
 from bench import reference, reference_train
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.ops import choose_kernels
+from fastgpt.ops import choose_ops
 
 # fp32 on both sides, the same math in a different order: rounding differences only.
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -29,7 +29,7 @@ def pair(bias: bool, kernels: str = "torch", vocab: int = 67, block: int = 24):
     shape = dict(block_size=block, vocab_size=vocab, n_layer=2, n_head=3, n_embd=48, dropout=0.0, bias=bias)
     torch.manual_seed(0)
     ref = reference.ReferenceGPT(reference.ReferenceConfig(**shape))
-    ours = GPT(GPTConfig(**shape), choose_kernels(kernels, "cpu").ops)
+    ours = GPT(GPTConfig(**shape), choose_ops(kernels, "cpu").ops)
     ours.load_state_dict(ref.state_dict(), strict=True)
     if bias:  # zero-initialised biases would hide a missing bias: make them count
         with torch.no_grad():

@@ -95,18 +95,18 @@ def test_layer_norm_matches_reference(shape, dtype, bias):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_add_layer_norm_matches_reference(shape, dtype, bias):
     n = shape[-1]
-    x0, r0 = on_grid(randn(shape, 0, X_SCALE, X_SHIFT)), on_grid(randn(shape, 1, X_SCALE))
-    (x, r, w, b), (x_ref, r_ref, w_ref, b_ref) = leaves(dtype, x0, r0, *params(n, bias, 2))
+    x0, br0 = on_grid(randn(shape, 0, X_SCALE, X_SHIFT)), on_grid(randn(shape, 1, X_SCALE))
+    (x, br, w, b), (x_ref, br_ref, w_ref, b_ref) = leaves(dtype, x0, br0, *params(n, bias, 2))
     ds, dy = randn(shape, 4).to(dtype), randn(shape, 5).to(dtype)  # gradients into both outputs
 
-    s, y = add_layer_norm(x, r, w, b)
-    s_ref, y_ref = add_layer_norm_reference(x_ref, r_ref, w_ref, b_ref)
+    s, y = add_layer_norm(x, br, w, b)
+    s_ref, y_ref = add_layer_norm_reference(x_ref, br_ref, w_ref, b_ref)
     torch.autograd.backward([s, y], [ds, dy])
     torch.autograd.backward([s_ref, y_ref], [ds.float(), dy.float()])
 
-    names = ["s", "y", "dx", "dresidual", "dweight"] + (["dbias"] if bias else [])
-    got = [s, y, x.grad, r.grad, w.grad] + ([b.grad] if bias else [])
-    want = [s_ref, y_ref, x_ref.grad, r_ref.grad, w_ref.grad] + ([b_ref.grad] if bias else [])
+    names = ["s", "y", "dx", "dbranch", "dweight"] + (["dbias"] if bias else [])
+    got = [s, y, x.grad, br.grad, w.grad] + ([b.grad] if bias else [])
+    want = [s_ref, y_ref, x_ref.grad, br_ref.grad, w_ref.grad] + ([b_ref.grad] if bias else [])
     assert_all_close("add_layer_norm", dtype, got, want, names)
 
 
@@ -114,17 +114,17 @@ def test_half_activations_with_fp32_parameters():
     """Under autocast a bf16 activation meets fp32 LayerNorm parameters: y and dx come back in
     bf16, dweight and dbias in fp32."""
     shape, n = (37, 1023), 1023
-    (x, r), (x_ref, r_ref) = leaves(torch.bfloat16, on_grid(randn(shape, 0, X_SCALE)), on_grid(randn(shape, 1, X_SCALE)))
+    (x, br), (x_ref, br_ref) = leaves(torch.bfloat16, on_grid(randn(shape, 0, X_SCALE)), on_grid(randn(shape, 1, X_SCALE)))
     (w, b), (w_ref, b_ref) = leaves(torch.float32, *params(n, True, 2))
     ds, dy = randn(shape, 4).bfloat16(), randn(shape, 5).bfloat16()
 
-    s, y = add_layer_norm(x, r, w, b)
-    s_ref, y_ref = add_layer_norm_reference(x_ref, r_ref, w_ref, b_ref)
+    s, y = add_layer_norm(x, br, w, b)
+    s_ref, y_ref = add_layer_norm_reference(x_ref, br_ref, w_ref, b_ref)
     torch.autograd.backward([s, y], [ds, dy])
     torch.autograd.backward([s_ref, y_ref], [ds.float(), dy.float()])
 
-    assert_all_close("add_layer_norm", torch.bfloat16, [s, y, x.grad, r.grad], [s_ref, y_ref, x_ref.grad, r_ref.grad],
-                     ["s", "y", "dx", "dresidual"])
+    assert_all_close("add_layer_norm", torch.bfloat16, [s, y, x.grad, br.grad], [s_ref, y_ref, x_ref.grad, br_ref.grad],
+                     ["s", "y", "dx", "dbranch"])
     assert_all_close("add_layer_norm", torch.float32, [w.grad, b.grad], [w_ref.grad, b_ref.grad], ["dweight", "dbias"])
 
 
@@ -137,36 +137,36 @@ def test_sum_backward_reads_the_stride0_gradient():
     assert_all_close("layer_norm", torch.float32, [x.grad, w.grad, b.grad], [x_ref.grad, w_ref.grad, b_ref.grad],
                      ["dx", "dweight", "dbias"])
 
-    (x, r, w), (x_ref, r_ref, w_ref) = leaves(torch.float32, randn(shape, 0), randn(shape, 1), params(n, False, 2)[0])
-    s, y = add_layer_norm(x, r, w)
-    s_ref, y_ref = add_layer_norm_reference(x_ref, r_ref, w_ref)
+    (x, br, w), (x_ref, br_ref, w_ref) = leaves(torch.float32, randn(shape, 0), randn(shape, 1), params(n, False, 2)[0])
+    s, y = add_layer_norm(x, br, w)
+    s_ref, y_ref = add_layer_norm_reference(x_ref, br_ref, w_ref)
     (s.sum() + y.sum()).backward()
     (s_ref.sum() + y_ref.sum()).backward()
-    assert_all_close("add_layer_norm", torch.float32, [x.grad, r.grad, w.grad], [x_ref.grad, r_ref.grad, w_ref.grad],
-                     ["dx", "dresidual", "dweight"])
+    assert_all_close("add_layer_norm", torch.float32, [x.grad, br.grad, w.grad], [x_ref.grad, br_ref.grad, w_ref.grad],
+                     ["dx", "dbranch", "dweight"])
 
 
 def test_add_layer_norm_with_only_y_used():
     """When s is not used its gradient arrives as zeros (or not at all): dx is the norm's alone."""
     shape, n = (37, 1023), 1023
-    (x, r, w), (x_ref, r_ref, w_ref) = leaves(torch.float32, randn(shape, 0), randn(shape, 1), params(n, False, 2)[0])
+    (x, br, w), (x_ref, br_ref, w_ref) = leaves(torch.float32, randn(shape, 0), randn(shape, 1), params(n, False, 2)[0])
     dy = randn(shape, 3)
-    add_layer_norm(x, r, w)[1].backward(dy)
-    add_layer_norm_reference(x_ref, r_ref, w_ref)[1].backward(dy)
-    assert_all_close("add_layer_norm", torch.float32, [x.grad, r.grad, w.grad], [x_ref.grad, r_ref.grad, w_ref.grad],
-                     ["dx", "dresidual", "dweight"])
+    add_layer_norm(x, br, w)[1].backward(dy)
+    add_layer_norm_reference(x_ref, br_ref, w_ref)[1].backward(dy)
+    assert_all_close("add_layer_norm", torch.float32, [x.grad, br.grad, w.grad], [x_ref.grad, br_ref.grad, w_ref.grad],
+                     ["dx", "dbranch", "dweight"])
 
 
 def test_non_contiguous_inputs():
     """Transposed and strided views (of leaves, so the grads land in their bases)."""
     rows, n = 37, 1023
     x_base = randn((n, rows), 0, X_SCALE, X_SHIFT).requires_grad_()
-    r_base = randn((rows, 2 * n), 1).requires_grad_()
+    br_base = randn((rows, 2 * n), 1).requires_grad_()
     w_base = randn(2 * n, 2, 1.0, 1.0).requires_grad_()
-    x, r, w = x_base.t(), r_base[:, ::2], w_base[::2]  # strides (1, rows), (2n, 2), (2,)
-    assert not (x.is_contiguous() or r.is_contiguous() or w.is_contiguous())
+    x, br, w = x_base.t(), br_base[:, ::2], w_base[::2]  # strides (1, rows), (2n, 2), (2,)
+    assert not (x.is_contiguous() or br.is_contiguous() or w.is_contiguous())
     b = randn(n, 3).requires_grad_()
-    _, (x_ref, r_ref, w_ref, b_ref) = leaves(torch.float32, x, r, w, b)
+    _, (x_ref, br_ref, w_ref, b_ref) = leaves(torch.float32, x, br, w, b)
     dy = randn((rows, n), 4)
 
     layer_norm(x, w, b).backward(dy)
@@ -174,16 +174,16 @@ def test_non_contiguous_inputs():
     assert_all_close("layer_norm", torch.float32, [x_base.grad.t(), w_base.grad[::2], b.grad],
                      [x_ref.grad, w_ref.grad, b_ref.grad], ["dx", "dweight", "dbias"])
 
-    for t in (x_base, r_base, w_base, b, x_ref, r_ref, w_ref, b_ref):
+    for t in (x_base, br_base, w_base, b, x_ref, br_ref, w_ref, b_ref):
         t.grad = None
-    s, y = add_layer_norm(x, r, w, b)
-    s_ref, y_ref = add_layer_norm_reference(x_ref, r_ref, w_ref, b_ref)
+    s, y = add_layer_norm(x, br, w, b)
+    s_ref, y_ref = add_layer_norm_reference(x_ref, br_ref, w_ref, b_ref)
     torch.autograd.backward([s, y], [dy, dy.t().contiguous().t()])  # a column-major gradient too
     torch.autograd.backward([s_ref, y_ref], [dy, dy])
     assert_all_close("add_layer_norm", torch.float32,
-                     [s, y, x_base.grad.t(), r_base.grad[:, ::2], w_base.grad[::2], b.grad],
-                     [s_ref, y_ref, x_ref.grad, r_ref.grad, w_ref.grad, b_ref.grad],
-                     ["s", "y", "dx", "dresidual", "dweight", "dbias"])
+                     [s, y, x_base.grad.t(), br_base.grad[:, ::2], w_base.grad[::2], b.grad],
+                     [s_ref, y_ref, x_ref.grad, br_ref.grad, w_ref.grad, b_ref.grad],
+                     ["s", "y", "dx", "dbranch", "dweight", "dbias"])
 
 
 def test_shape_errors_name_the_shapes():
@@ -193,9 +193,9 @@ def test_shape_errors_name_the_shapes():
         layer_norm(x, torch.ones(7, device=DEVICE))
     with pytest.raises(ValueError, match=r"bias has shape \(8, 1\); expected \(8,\)"):
         layer_norm(x, w, torch.zeros(8, 1, device=DEVICE))
-    with pytest.raises(ValueError, match=r"residual is \(4, 7\)"):
+    with pytest.raises(ValueError, match=r"branch is \(4, 7\)"):
         add_layer_norm(x, torch.randn(4, 7, device=DEVICE), w)
-    with pytest.raises(ValueError, match=r"residual is \(4, 8\) torch.float16"):
+    with pytest.raises(ValueError, match=r"branch is \(4, 8\) torch.float16"):
         add_layer_norm(x, x.half(), w)
     with pytest.raises(ValueError, match=r"weight is on meta"):
         layer_norm(x, torch.ones(8, device="meta"))
@@ -216,7 +216,7 @@ class ResidualBlock(torch.nn.Module):
 
     def forward(self, x):
         h = self.branch(layer_norm(x, self.ln_1_weight, self.ln_1_bias))
-        s, y = add_layer_norm(h, x, self.ln_2_weight)  # no bias: the Optional[Tensor] path
+        s, y = add_layer_norm(x, h, self.ln_2_weight)  # no bias: the Optional[Tensor] path
         return s, y
 
 
