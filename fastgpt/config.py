@@ -39,6 +39,15 @@ class TrainConfig:
     log_interval: int = field(default=1, metadata=_doc("iterations between log lines; each one syncs with the device"))
     eval_iters: int = field(default=200, metadata=_doc("batches per split that estimate_loss averages"))
     eval_only: bool = field(default=False, metadata=_doc("evaluate once and exit"))
+    target_loss: float = field(
+        default=0.0,
+        metadata=_doc("time to a target: the first evaluation whose val loss is at or below it is logged, with its "
+                      "iteration, tokens and training seconds (evaluation excluded), as a 'target_reached' event in "
+                      "metrics.jsonl; 0 turns it off (speedrun recipes measure this way, as modded-nanogpt does)"),
+    )
+    stop_at_target: bool = field(
+        default=True, metadata=_doc("end the run (saving, as at any evaluation) once target_loss is reached")
+    )
     always_save_checkpoint: bool = field(
         default=True, metadata=_doc("save at every evaluation, not only when val loss improves")
     )
@@ -180,7 +189,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         nonneg = ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr",
-                  "profile_wait", "profile_warmup")
+                  "profile_wait", "profile_warmup", "target_loss")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from fastgpt.config import ConfigError
+from fastgpt.config import ConfigError, TrainConfig
 from fastgpt.hardware import describe_memory, peak_memory
 
 METRICS_FILE = "metrics.jsonl"
@@ -73,23 +73,31 @@ class ThroughputMeter:
         self.windows = self.evals = 0
         self.eval_s = self.data_s = 0.0
 
-    def begin(self, iter_num: int, elapsed: float = 0.0) -> None:
-        """`elapsed`: seconds an earlier segment of this run took (a resume continues its clock)."""
+    def begin(self, iter_num: int, elapsed: float = 0.0, eval_elapsed: float = 0.0) -> None:
+        """`elapsed`: seconds the run's earlier segments took, `eval_elapsed` of them evaluating and
+        saving (a resume continues both clocks)."""
         self.t_process = self.clock()
         self.t_start = self.t_window = self.t_process - elapsed
         self.first_iter = self.last_iter = iter_num
-
-    def elapsed(self) -> float:
-        return self.clock() - self.t_start
+        self.eval_before, self.t_pause = eval_elapsed, None
 
     @contextlib.contextmanager
     def paused(self):
-        t_pause = self.clock()
+        self.t_pause = t_pause = self.clock()
         yield
         now = self.clock()
         self.eval_s += now - t_pause
         self.evals += 1
         self.t_window += now - t_pause  # the window's clock skips the evaluation
+        self.t_pause = None
+
+    def split_seconds(self) -> tuple[float, float]:
+        """(training, evaluating and saving) seconds of the whole run so far; within paused(), up
+        to the pause and with the evaluation in progress."""
+        now = self.clock()
+        paused = now - self.t_pause if self.t_pause is not None else 0.0
+        evaluating = self.eval_before + self.eval_s + paused
+        return now - self.t_start - evaluating, evaluating
 
     @contextlib.contextmanager
     def data(self):
@@ -110,7 +118,7 @@ class ThroughputMeter:
             "ms_per_iter": per_iter * 1000, "tokens_per_s": self.tokens_per_iter / per_iter,
             "mfu": self.flops_per_iter / per_iter / self.peak if self.peak else None,
             "data_wait": self.data_s / wall if wall > 0 else 0.0, "peak_mem_bytes": peak_memory(self.device)[0],
-            "elapsed_s": now - self.t_start, "eta_s": eta,
+            "elapsed_s": now - self.t_start, "eval_s": self.eval_before + self.eval_s, "eta_s": eta,
         }
         self.windows += 1
         self.t_window, self.last_iter, self.data_s = now, iter_num, 0.0
@@ -198,12 +206,14 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], int]:
     return records, skipped
 
 
-def elapsed_before(path: str | os.PathLike, iter_num: int) -> float:
-    """The elapsed_s of the last record at or before iter_num in a metrics.jsonl (0 without one):
-    where a run resumed from iteration iter_num goes on counting."""
+def elapsed_before(path: str | os.PathLike, iter_num: int) -> tuple[float, float]:
+    """(elapsed_s, eval_s) of the last record at or before iter_num in a metrics.jsonl that has
+    them ((0, 0) without one; eval_s 0 where only elapsed_s was logged): where the clocks of a run
+    resumed from iteration iter_num go on counting."""
     records = read_metrics(path)[0] if os.path.exists(path) else []
-    times = [r["elapsed_s"] for r in records if r["iter"] <= iter_num and isinstance(r.get("elapsed_s"), (int, float))]
-    return times[-1] if times else 0.0
+    times = [(r["elapsed_s"], r.get("eval_s") if isinstance(r.get("eval_s"), (int, float)) else 0.0)
+             for r in records if r["iter"] <= iter_num and isinstance(r.get("elapsed_s"), (int, float))]
+    return times[-1] if times else (0.0, 0.0)
 
 
 # --- where the numbers go
@@ -236,12 +246,15 @@ class Reporter:
     the log line, metrics.jsonl, the history (iter, loss) / (iter, train, val), and W&B at
     evaluations, as nanoGPT logs it (with the last measured MFU)."""
 
-    def __init__(self, log: Callable[[str], None], tracker: Tracker, out_dir: str | os.PathLike, writes: bool,
-                 iter_num: int, record: dict):
-        """Opens out_dir/metrics.jsonl where `writes` (rank 0, not profiling) and writes its first
-        record of this run (or of this resumed segment of it): the iteration it starts at and the
-        run record."""
-        self.log, self.tracker, self.metrics = log, tracker, MetricsLog(out_dir, writes)
+    def __init__(self, log: Callable[[str], None], tracker: Tracker, cfg: TrainConfig, writes: bool, iter_num: int,
+                 record: dict):
+        """Opens cfg.out_dir/metrics.jsonl where `writes` (rank 0, not profiling) and writes its
+        first record of this run (or of this resumed segment of it): the iteration it starts at and
+        the run record. A resumed run whose metrics.jsonl holds the event does not report it again."""
+        self.log, self.tracker, self.metrics = log, tracker, MetricsLog(cfg.out_dir, writes)
+        self.target_loss, self.stop_at_target, self.stop = cfg.target_loss, cfg.stop_at_target, False
+        self.target_reached = any(r.get("event") == "target_reached" and r["iter"] <= iter_num
+                                  for r in read_metrics(self.metrics.path)[0]) if self.metrics.path.exists() else False
         self.history: dict[str, list] = {"train": [], "eval": []}
         self.mfu: float | None = None
         self.metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "run": record})
@@ -261,13 +274,24 @@ class Reporter:
         if plot and self.metrics.file is not None:
             self.log(save_plot(self.metrics.path, self.metrics.path.with_name(LOSS_PLOT)))
 
-    def evaluation(self, iter_num: int, losses: dict[str, float], elapsed_s: float, lr: float) -> None:
+    def evaluation(self, iter_num: int, losses: dict[str, float], meter: ThroughputMeter, lr: float) -> None:
+        """An evaluation's losses, with the clocks as `meter` reads them; the first one at or below
+        target_loss also goes out as a 'target_reached' event (and sets `stop` if asked to)."""
+        train_s, eval_s = meter.split_seconds()
         self.log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         self.history["eval"].append((iter_num, losses["train"], losses["val"]))
         self.metrics.write({"kind": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                            "elapsed_s": elapsed_s})
+                            "elapsed_s": train_s + eval_s, "eval_s": eval_s})
         self.tracker.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
                           "mfu": self.mfu}, iter_num)
+        if self.target_loss and not self.target_reached and losses["val"] <= self.target_loss:
+            self.target_reached = True
+            self.stop = self.stop_at_target
+            tokens = iter_num * meter.tokens_per_iter
+            self.log(f"target val loss {self.target_loss} reached at iteration {iter_num} ({tokens:,} tokens): "
+                     f"{train_s:.1f} s training, {eval_s:.1f} s evaluating and saving")
+            self.metrics.write({"event": "target_reached", "kind": "event", "iter": iter_num, "tokens": tokens,
+                                "val_loss": losses["val"], "train_seconds": train_s, "eval_seconds": eval_s})
 
     def step(self, record: dict) -> None:
         """A log step's record, as metrics.ThroughputMeter.tick makes it."""

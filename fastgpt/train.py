@@ -150,21 +150,21 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     flops_per_iter = raw_model.flops_per_token() * cfg.tokens_per_iter / dist_info.world_size  # per device
 
     # ---------------------------------------------------------------- the loop
-    report = cleanup.enter_context(Reporter(log, tracker, cfg.out_dir, dist_info.is_master and not cfg.profile, iter_num, record))
+    report = cleanup.enter_context(Reporter(log, tracker, cfg, dist_info.is_master and not cfg.profile, iter_num, record))
     meter = ThroughputMeter(cfg.tokens_per_iter, flops_per_iter, peak, cfg.max_iters, cfg.eval_interval, device)
-    meter.begin(iter_num, elapsed_before(report.metrics.path, iter_num) if resumed_from else 0.0)  # a resume continues the clock
+    meter.begin(iter_num, *(elapsed_before(report.metrics.path, iter_num) if resumed_from else ()))  # a resume continues the clocks
     prof = cleanup.enter_context(StepProfiler(cfg, device, dist_info.rank, cfg.max_iters - iter_num))
     stop_vote, losses, lr = StopVote(cleanup.enter_context(StopSignal(log)), dist_info.enabled, device), {}, cfg.learning_rate
     while True:
         if evaluation_due(iter_num, cfg) and not (resumed_from and iter_num == first_iter):  # evaluated before the save
             with meter.paused():  # keep evaluation out of the timings
                 losses = estimate_loss(model, streams, cfg.eval_iters, ctx, dist_info)
-                report.evaluation(iter_num, losses, meter.elapsed(), lr)
+                report.evaluation(iter_num, losses, meter, lr)
                 if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                     best_val_loss = min(best_val_loss, losses["val"])
                     if iter_num > 0:
                         saver.save(iter_num, best_val_loss)  # a collective: every rank calls it
-        if iter_num >= cfg.max_iters or cfg.eval_only or prof.done:
+        if iter_num >= cfg.max_iters or cfg.eval_only or prof.done or report.stop:  # report.stop: target_loss reached
             break
         lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) if cfg.decay_lr else cfg.learning_rate
         set_lr(optimizer, lr)

@@ -18,7 +18,7 @@ from conftest import tiny_config
 
 CPU = torch.device("cpu")
 TRAIN_FIELDS = {"kind", "iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "data_wait", "peak_mem_bytes",
-                "elapsed_s", "eta_s"}
+                "elapsed_s", "eval_s", "eta_s"}
 
 
 class Clock:
@@ -123,9 +123,9 @@ def test_metrics_log_appends_strict_json_and_repairs_a_cut_line(tmp_path):
     assert len(lines) == 3 and json.loads(lines[0])["loss"] is None  # strict JSON: no NaN
     records, skipped = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["iter"] for r in records] == [1, 2] and skipped == 1
-    assert elapsed_before(tmp_path / "metrics.jsonl", 1) == 1.0
-    assert elapsed_before(tmp_path / "metrics.jsonl", 5) == 2.5
-    assert elapsed_before(tmp_path / "nothing.jsonl", 5) == 0.0
+    assert elapsed_before(tmp_path / "metrics.jsonl", 1) == (1.0, 0.0)  # logged before eval_s was
+    assert elapsed_before(tmp_path / "metrics.jsonl", 5) == (2.5, 0.0)
+    assert elapsed_before(tmp_path / "nothing.jsonl", 5) == (0.0, 0.0)
 
 
 def test_disabled_log_writes_nothing(tmp_path):
@@ -153,7 +153,7 @@ def test_trainer_writes_every_field_and_resume_appends(tmp_path, tiny_data):
         assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and 0 < r["data_wait"] < 1 and r["peak_mem_bytes"] > 2**20
         assert r["mfu"] is None or 0 < r["mfu"] < 1
     evals = [r for r in records if r["kind"] == "eval"]
-    assert all(set(r) == {"kind", "iter", "train_loss", "val_loss", "elapsed_s"} for r in evals)
+    assert all(set(r) == {"kind", "iter", "train_loss", "val_loss", "elapsed_s", "eval_s"} for r in evals)
     clock = [r["elapsed_s"] for r in records if r["kind"] != "start"]
     assert clock == sorted(clock)  # the resumed run's clock goes on from the checkpoint's
     assert trains[-1]["eta_s"] < 5
