@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fastgpt import distributed
+from fastgpt.errors import FastgptError
 from fastgpt.fileio import atomic_writer, fsync_dir
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -43,7 +44,7 @@ COMPILED_PREFIX = "_orig_mod."
 MASK_BUFFER_SUFFIX = ".attn.bias"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FastgptError):
     """A checkpoint is missing, unreadable or belongs to another model; one line for the user."""
 
 

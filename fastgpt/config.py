@@ -18,12 +18,13 @@ import typing
 from dataclasses import dataclass, field
 
 from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
+from fastgpt.errors import FastgptError
 from fastgpt.ops import KERNEL_CHOICES, OP_CHOICES, OP_FIELDS
 from fastgpt.pretrained import GPT2_MODELS
 from fastgpt.hardware import DTYPES
 
 
-class ConfigError(ValueError):
+class ConfigError(FastgptError):
     """A config file, override or value is wrong; the message is one line for the user."""
 
 

@@ -25,7 +25,7 @@ import torch
 
 from fastgpt.tokenfiles import TOKEN_DTYPE
 from fastgpt.distributed import DistInfo, indexed_device
-from fastgpt.tokenizer import DataError  # defined with the meta.pkl reader, the lowest module that reads a dataset
+from fastgpt.errors import DataError
 
 # Scan for the largest token id this many tokens at a time (128 MiB of uint16), so validating a
 # many-GB file needs bounded memory.

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from fastgpt.errors import FastgptError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -42,7 +44,7 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-class LaunchError(ValueError):
+class LaunchError(FastgptError):
     """A setting that does not fit the number of ranks torchrun started."""
 
 

@@ -24,15 +24,16 @@ from safetensors.torch import save_file
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.cli import OneLineParser
+from fastgpt.errors import DataError, FastgptError
 from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.pretrained import CONFIG_NAME, SAFETENSORS_NAME, PretrainedError, hf_config, to_hf_state
-from fastgpt.tokenizer import CharTokenizer, DataError, load_tokenizer, write_gpt2_hf_tokenizer
+from fastgpt.tokenizer import CharTokenizer, load_tokenizer, write_gpt2_hf_tokenizer
 
 CHAR_VOCAB_NAME = "char_vocab.json"
 
 
-class ExportError(ValueError):
+class ExportError(FastgptError):
     """The export cannot be made as asked; one line for the user."""
 
 

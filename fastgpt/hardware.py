@@ -21,6 +21,7 @@ import psutil
 import torch
 
 from fastgpt.distributed import indexed_device
+from fastgpt.errors import FastgptError
 from fastgpt.fileio import atomic_writer, cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,7 +69,7 @@ CPU_PEAK_SECONDS = 1.5
 CPU_PEAK_METHOD = "best-of-1.5s"  # in the cache key: a change of method measures again
 PEAK_CACHE_FILE = "peak_flops.json"
 
-class RuntimeConfigError(ValueError):
+class RuntimeConfigError(FastgptError):
     """The requested device or dtype cannot run here; one line for the user."""
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from fastgpt.config import ConfigError, TrainConfig
+from fastgpt.errors import FastgptError
 from fastgpt.hardware import describe_memory, peak_memory
 
 METRICS_FILE = "metrics.jsonl"
@@ -304,7 +305,7 @@ class Reporter:
 # --- the loss plot
 
 
-class PlotError(ValueError):
+class PlotError(FastgptError):
     """No metrics to plot; the message is one line for the user."""
 
 

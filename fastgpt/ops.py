@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import hardware
+from fastgpt.errors import FastgptError
 from fastgpt_kernels.common import tag_compile_caches, triton_installed, triton_usable
 from fastgpt_kernels.fp8_linear import check_shapes as check_fp8_shapes
 from fastgpt_kernels.fp8_linear import fp8_linear, fp8_unsupported_reason
@@ -50,7 +51,7 @@ MEASUREMENTS = pathlib.Path(__file__).with_name("kernel_measurements.json")
 MIN_WIN = 1.01
 
 
-class KernelChoiceError(ValueError):
+class KernelChoiceError(FastgptError):
     """The requested kernels cannot run here; one line for the user."""
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fastgpt.fileio import atomic_writer
 from fastgpt.checkpoint import checkpoint_path, numbered_checkpoints, remove_stale_temporaries
+from fastgpt.errors import FastgptError
 from fastgpt.metrics import metrics_path
 
 RECORD_NAME = "run.json"
@@ -32,7 +33,7 @@ GIT_TIMEOUT_S = 5
 CHECKPOINT_COPIES = 3
 
 
-class RunDirError(ValueError):
+class RunDirError(FastgptError):
     """out_dir cannot hold this run; one line for the user."""
 
 

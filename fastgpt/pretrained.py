@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fastgpt.checkpoint import CheckpointError, load_model_state, torch_load_plain
+from fastgpt.errors import FastgptError
 from fastgpt.model import GPT, GPTConfig, padded_vocab_size
 
 # nanoGPT's names -> the Hub repositories that hold them (the short name, then its newer home).
@@ -47,7 +48,7 @@ PREFIX = "transformer."
 EOT_ID = 50256  # GPT-2's <|endoftext|>, its only special token
 
 
-class PretrainedError(ValueError):
+class PretrainedError(FastgptError):
     """Pretrained weights are missing, unreadable or not GPT-2's; one line for the user."""
 
 

@@ -21,11 +21,12 @@ import torch
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.cli import OneLineParser
+from fastgpt.errors import DataError, FastgptError
 from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2
 from fastgpt.hardware import DTYPES, RuntimeConfigError, autocast, resolve_device, resolve_dtype
-from fastgpt.tokenizer import GPT2_VOCAB_SIZE, DataError, Gpt2Tokenizer, dataset_vocab_size, load_tokenizer
+from fastgpt.tokenizer import GPT2_VOCAB_SIZE, Gpt2Tokenizer, dataset_vocab_size, load_tokenizer
 
 # The default config's out_dir, so `python -m fastgpt.train && python -m fastgpt.sample` pairs up.
 DEFAULT_OUT_DIR = "out-shakespeare-char"
@@ -33,7 +34,7 @@ FILE_PREFIX = "FILE:"
 DTYPE_CHOICES = ("auto", *DTYPES)
 
 
-class OptionError(ValueError):
+class OptionError(FastgptError):
     """A sampling option is wrong; the message is one line naming it and what would be right."""
 
 

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from fastgpt.errors import FastgptError
+
 # A signal repeated within this window is one request delivered twice: under torchrun a Ctrl-C
 # reaches each worker from the terminal and again forwarded by torchrun, and a scheduler's SIGTERM
 # likewise reaches the whole job and comes forwarded.
@@ -26,7 +28,7 @@ DUPLICATE_WINDOW_S = 1.0
 NONE_SEEN = torch.iinfo(torch.int64).max
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FastgptError, RuntimeError):
     """The loss became NaN or inf; one line naming the iteration and the last good checkpoint."""
 
 

@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from fastgpt import fileio
-from fastgpt.tokenizer import META_FILENAME, VOCAB_FILENAME, CharTokenizer, DataError
+from fastgpt.errors import DataError
+from fastgpt.tokenizer import META_FILENAME, VOCAB_FILENAME, CharTokenizer
 
 # Where a dataset goes by default, relative to the working directory, as in nanoGPT.
 DEFAULT_DATA_ROOT = Path("data")

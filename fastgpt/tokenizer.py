@@ -34,6 +34,7 @@ import tiktoken
 import tiktoken.load
 
 from fastgpt import fileio, pypi
+from fastgpt.errors import DataError
 
 # GPT-2's end-of-text marker, as a string and as a token id (the last id of the vocabulary).
 EOT_TOKEN = "<|endoftext|>"
@@ -62,13 +63,6 @@ GPT2_SELF_CHECK = ("Hello world", [15496, 995])
 META_FILENAME = "meta.pkl"
 # {"vocab_size": N, "itos": [the character of id 0, of id 1, ...]}
 VOCAB_FILENAME = "vocab.json"
-
-
-class DataError(ValueError):
-    """A data file is missing, corrupt or does not fit the model; the message is one line.
-
-    Defined here, in the lowest module that reads a dataset's files (meta.pkl), and re-exported by
-    fastgpt.data, so the trainer and the sampler catch one class for every dataset file."""
 
 
 # --- GPT-2 ranks: find, verify, cache ----------------------------------------------------

@@ -28,7 +28,8 @@ from fastgpt import checkpoint as ckpt_io
 from fastgpt import distributed, init_from, outdir
 from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.corpora import ensure_dataset
-from fastgpt.data import DataError, Prefetcher, open_streams
+from fastgpt.data import Prefetcher, open_streams
+from fastgpt.errors import DataError
 from fastgpt.hardware import (RuntimeConfigError, autocast, compiles, configure_backends, describe_peak, grad_scaler,
                               host_summary, peak_flops, resolve_device, resolve_dtype)
 from fastgpt.metrics import Reporter, ThroughputMeter, Tracker, elapsed_before

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastgpt.data import BatchStream, DataError, Prefetcher, open_tokens
+from fastgpt.data import BatchStream, Prefetcher, open_tokens
+from fastgpt.errors import DataError
 from fastgpt.train import main
 
 from conftest import cli_args, tiny_config

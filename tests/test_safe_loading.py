@@ -68,7 +68,8 @@ def test_nanogpt_meta_pkl_still_loads(tmp_path):
 
 def test_prepare_writes_a_json_vocabulary_that_is_read_first(tmp_path):
     from fastgpt.tokenfiles import write_meta
-    from fastgpt.tokenizer import CharTokenizer, DataError
+    from fastgpt.errors import DataError
+    from fastgpt.tokenizer import CharTokenizer
 
     chars = CharTokenizer.from_text("héllo wörld\n")
     write_meta(tmp_path, chars)

@@ -1,0 +1,19 @@
+"""The one base class of fastgpt's errors.
+
+Each module keeps its own error class beside the code that raises it (ConfigError in config,
+CheckpointError in checkpoint, ...), and every one derives from FastgptError. The ones here belong
+to no single module: a dataset's (DataError).
+"""
+
+from __future__ import annotations
+
+
+class FastgptError(ValueError):
+    """A problem the message alone lets the user fix: a command prints it as one `error:` line
+    (`--debug`: the traceback). A ValueError, because nearly every one is a value the user gave (a
+    config field, an option, a file) that fastgpt cannot use."""
+
+
+class DataError(FastgptError):
+    """A dataset cannot be read, written or built as asked: a data file is missing, corrupt or
+    does not fit the model, or an option of `fastgpt.prepare` is out of range."""
