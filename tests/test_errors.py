@@ -7,7 +7,7 @@ import inspect
 import pkgutil
 
 import fastgpt
-from fastgpt.errors import FastgptError
+from fastgpt.errors import FastgptError, FetchError, MissingPackageError
 from fastgpt.stopping import NonFiniteLossError
 
 
@@ -19,11 +19,12 @@ def test_every_error_class_in_fastgpt_is_a_fastgpt_error():
     classes = {f"{c.__module__}.{c.__qualname__}": c for module in fastgpt_modules()
                for _, c in inspect.getmembers(module, inspect.isclass)
                if issubclass(c, BaseException) and c.__module__ == module.__name__}
-    assert len(classes) >= 13, sorted(classes)  # the walk found them: twelve modules' own, plus errors.py's
+    assert len(classes) >= 15, sorted(classes)  # the walk found them: twelve modules' own, plus errors.py's
     assert sorted(name for name, c in classes.items() if not issubclass(c, FastgptError)) == []
 
 
 def test_errors_stay_catchable_as_what_they_were():
-    """`except ValueError` and `pytest.raises(RuntimeError)` keep working."""
+    """`except ValueError` and `pytest.raises(RuntimeError | ImportError)` keep working."""
     assert issubclass(FastgptError, ValueError)
-    assert issubclass(NonFiniteLossError, RuntimeError)
+    assert issubclass(NonFiniteLossError, RuntimeError) and issubclass(FetchError, RuntimeError)
+    assert MissingPackageError("x", name="datasets").name == "datasets"

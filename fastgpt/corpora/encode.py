@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from fastgpt.errors import DataError
 from fastgpt.tokenizer import GPT2_EOT_ID, get_gpt2_encoding
 
 
@@ -35,5 +36,5 @@ def resolve_threads(threads: int | None, flag: str) -> int:
     if threads is None:
         return os.cpu_count() or 1
     if threads < 1:
-        raise ValueError(f"{flag} must be at least 1, got {threads}")
+        raise DataError(f"{flag} must be at least 1, got {threads}")
     return threads

