@@ -23,11 +23,11 @@ import tempfile
 from safetensors.torch import save_file
 
 from fastgpt import checkpoint as ckpt_io
-from fastgpt.cli import OneLineParser
-from fastgpt.errors import DataError, FastgptError
+from fastgpt.cli import OneLineParser, run_command
+from fastgpt.errors import FastgptError
 from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.pretrained import CONFIG_NAME, SAFETENSORS_NAME, PretrainedError, hf_config, to_hf_state
+from fastgpt.pretrained import CONFIG_NAME, SAFETENSORS_NAME, hf_config, to_hf_state
 from fastgpt.tokenizer import CharTokenizer, load_tokenizer, write_gpt2_hf_tokenizer
 
 CHAR_VOCAB_NAME = "char_vocab.json"
@@ -81,22 +81,18 @@ def export_hf(out_dir: str | os.PathLike, hf_dir: str | os.PathLike, data_dir: s
 
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str]) -> None:
     p = OneLineParser(prog="python -m fastgpt.export", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", help="the run folder whose newest checkpoint to export")
     p.add_argument("--hf", required=True, metavar="DIR", help="a new folder for the Hugging Face files")
     p.add_argument("--data_dir", default=None, help="the dataset folder (default: from the checkpoint's config)")
-    p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     args = p.parse_args(argv)
-    try:
-        target = export_hf(args.out_dir, args.hf, args.data_dir)
-    except (ExportError, ckpt_io.CheckpointError, PretrainedError, DataError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    target = export_hf(args.out_dir, args.hf, args.data_dir)
     print(f"wrote {target}: load it with transformers.GPT2LMHeadModel.from_pretrained({str(target)!r})")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fastgpt.cli import OneLineParser
+from fastgpt.cli import OneLineParser, run_command
 from fastgpt.corpora import prepare
 from fastgpt.corpora.openwebtext import (
     DOCS_PER_SHARD,
@@ -104,19 +104,18 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: list[str]) -> None:
     args = _build_parser().parse_args(argv)
-    try:
-        if args.dataset == "text":
-            prepare_text(args.input, args.out, args.val_fraction, args.threads, args.piece_chars)
-        elif args.dataset == OPENWEBTEXT:
-            prepare_openwebtext(args.out, args.num_proc, args.val_fraction, args.seed, args.docs_per_shard)
-        else:
-            prepare(args.dataset, args.out)
-    except (OSError, ImportError, ValueError, RuntimeError) as e:  # OSError: an input that cannot be read
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if args.dataset == "text":
+        prepare_text(args.input, args.out, args.val_fraction, args.threads, args.piece_chars)
+    elif args.dataset == OPENWEBTEXT:
+        prepare_openwebtext(args.out, args.num_proc, args.val_fraction, args.seed, args.docs_per_shard)
+    else:
+        prepare(args.dataset, args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import sys
 import torch
 
 from fastgpt import checkpoint as ckpt_io
-from fastgpt.cli import OneLineParser
-from fastgpt.errors import DataError, FastgptError
+from fastgpt.cli import OneLineParser, run_command
+from fastgpt.errors import FastgptError
 from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2
-from fastgpt.hardware import DTYPES, RuntimeConfigError, autocast, resolve_device, resolve_dtype
+from fastgpt.pretrained import GPT2_MODELS, load_gpt2
+from fastgpt.hardware import DTYPES, autocast, resolve_device, resolve_dtype
 from fastgpt.tokenizer import GPT2_VOCAB_SIZE, Gpt2Tokenizer, dataset_vocab_size, load_tokenizer
 
 # The default config's out_dir, so `python -m fastgpt.train && python -m fastgpt.sample` pairs up.
@@ -36,12 +36,6 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 
 class OptionError(FastgptError):
     """A sampling option is wrong; the message is one line naming it and what would be right."""
-
-
-# Printed as one line, exit status 2 (--debug: the traceback).
-USER_ERRORS = (OptionError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, PretrainedError)
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'resume': out_dir's newest checkpoint; or OpenAI's GPT-2 from local files (default: %(default)s)")
     p.add_argument("--hf_dir", default=None,
                    help="with --init_from=gpt2*: a Hugging Face model folder (default: the local Hugging Face cache)")
-    p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     return p
 
 
@@ -171,19 +164,14 @@ def sample(args: argparse.Namespace) -> list[str]:
     return samples
 
 
+def _run(argv: list[str]) -> None:
+    for text in sample(build_parser().parse_args(argv)):
+        print(text)
+        print("---------------")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        for text in sample(build_parser().parse_args(argv)):
-            print(text)
-            print("---------------")
-    except USER_ERRORS as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":

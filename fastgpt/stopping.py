@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from fastgpt.errors import FastgptError
+from fastgpt.errors import ExitStatus, FastgptError
 
 # A signal repeated within this window is one request delivered twice: under torchrun a Ctrl-C
 # reaches each worker from the terminal and again forwarded by torchrun, and a scheduler's SIGTERM
@@ -29,7 +29,10 @@ NONE_SEEN = torch.iinfo(torch.int64).max
 
 
 class NonFiniteLossError(FastgptError, RuntimeError):
-    """The loss became NaN or inf; one line naming the iteration and the last good checkpoint."""
+    """The loss became NaN or inf; one line naming the iteration and the last good checkpoint, and
+    a status a scheduler can tell from a crash and from bad input."""
+
+    exit_status = ExitStatus.DIVERGED
 
 
 class StopSignal:

@@ -26,38 +26,31 @@ import torch
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt import distributed, init_from, outdir
+from fastgpt.cli import DEBUG_FLAG, DEBUG_HELP, run_command
 from fastgpt.config import ConfigError, TrainConfig, help_text, load_config
 from fastgpt.corpora import ensure_dataset
 from fastgpt.data import Prefetcher, open_streams
-from fastgpt.errors import DataError
-from fastgpt.hardware import (RuntimeConfigError, autocast, compiles, configure_backends, describe_peak, grad_scaler,
-                              host_summary, peak_flops, resolve_device, resolve_dtype)
+from fastgpt.hardware import (autocast, compiles, configure_backends, describe_peak, grad_scaler, host_summary,
+                              peak_flops, resolve_device, resolve_dtype)
 from fastgpt.metrics import Reporter, ThroughputMeter, Tracker, elapsed_before
-from fastgpt.ops import KernelChoiceError, choose_ops, compile_model
+from fastgpt.ops import choose_ops, compile_model
 from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
-from fastgpt.outdir import RunDirError
-from fastgpt.pretrained import PretrainedError
 from fastgpt.profiling import StepProfiler
-from fastgpt.stopping import LossWatch, NonFiniteLossError, StopSignal, StopVote
+from fastgpt.stopping import LossWatch, StopSignal, StopVote
 from fastgpt.tokenizer import dataset_vocab_size
 
 # The default recipe ships in the repository's configs/; from an installed copy without it, the
 # same relative path is looked up in the working directory.
 DEFAULT_CONFIG_NAME = pathlib.Path("configs") / "shakespeare_char.py"
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
-USAGE = "usage: python -m fastgpt.train [CONFIG.py] [--profile] [--debug] [--key=value ...]"
-# Errors a user can fix from the message alone: printed as one line, exit status 2 (--debug: the traceback).
-USER_ERRORS = (ConfigError, DataError, ckpt_io.CheckpointError, RuntimeConfigError, KernelChoiceError, RunDirError,
-               PretrainedError, distributed.LaunchError, FileNotFoundError)
-# A run that diverged: one line, and a status a scheduler can tell from a crash.
-DIVERGED_EXIT = 3
+USAGE = f"usage: python -m fastgpt.train [CONFIG.py] [--profile] [{DEBUG_FLAG}] [--key=value ...]"
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     if any(a in ("-h", "--help") for a in argv):
         print(f"{USAGE}\n\nWith no CONFIG, runs {DEFAULT_CONFIG_NAME}. --profile: a few training steps under torch.profiler")
         print("(profile_wait/_warmup/_active), traces in out_dir/profile/, a summary of where the time went, no checkpoint.")
-        print("--debug: show the traceback behind an error message.")
+        print(f"{DEBUG_FLAG}: {DEBUG_HELP}.")
         print("Fields (--key=value; a config file assigns the same names). The defaults shown are nanoGPT's")
         print(f"GPT-2 124M recipe; a config file, including the default one, overrides them:\n{help_text()}")
         raise SystemExit(0)
@@ -221,21 +214,16 @@ def log_setup(log, record: dict, dtype: torch.dtype, ops_name: str) -> None:
         f"{record['world_size']} rank(s)")
 
 
+def _run(argv: list[str]) -> None:
+    config_path, overrides = parse_args(argv)
+    train(load_config(config_path, overrides))
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
     try:
-        config_path, overrides = parse_args([a for a in argv if a != "--debug"])
-        cfg = load_config(config_path, overrides)
-        train(cfg)
-    except (*USER_ERRORS, NonFiniteLossError) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return DIVERGED_EXIT if isinstance(e, NonFiniteLossError) else 2
+        return run_command(_run, argv)
     finally:
         distributed.teardown()  # on every exit path, so no rank is left waiting on this one
-    return 0
 
 
 if __name__ == "__main__":

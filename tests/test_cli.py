@@ -1,11 +1,16 @@
-"""The commands as users type them: `python -m fastgpt.{train,sample,prepare}` in a subprocess."""
+"""The commands as users type them: `python -m fastgpt.{train,sample,prepare,export,plot}`, in a subprocess
+or through their main(argv)."""
 
+import importlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
+
+from fastgpt.errors import ExitStatus
 
 from conftest import write_char_dataset
 
@@ -43,3 +48,37 @@ def test_sample_without_checkpoint_is_one_line(tmp_path):
     proc = run("fastgpt.sample", "--out_dir=nowhere", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no checkpoint at nowhere/ckpt.pt") and proc.stderr.count("\n") == 1
+
+
+# Each command's bad input, from an empty folder: (arguments, the error it raises, words of its one line).
+BAD_INPUT = {
+    "train": (["--batch_size=0"], "ConfigError", "batch_size=0 must be a positive integer"),
+    "sample": (["--num_samples=0"], "OptionError", "num_samples=0 must be a positive integer"),
+    "prepare": (["text", "--input", "nope.txt", "--out", "mine"], "FileNotFoundError",
+                "input file nope.txt does not exist"),
+    "export": (["nowhere", "--hf", "hf"], "CheckpointError", "no checkpoint at nowhere/ckpt.pt"),
+    "plot": (["nowhere"], "PlotError", "no nowhere/metrics.jsonl"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(BAD_INPUT))
+def test_every_command_s_bad_input_is_one_line_and_status_2(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args, error, words = BAD_INPUT[command]
+    main = importlib.import_module(f"fastgpt.{command}").main
+    assert main(args) == ExitStatus.BAD_INPUT == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+    with pytest.raises(Exception, match=re.escape(words)) as raised:
+        main([*args, "--debug"])
+    assert type(raised.value).__name__ == error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", sorted(BAD_INPUT))
+def test_every_command_takes_debug_and_shows_the_traceback(command, tmp_path):
+    args, error, words = BAD_INPUT[command]
+    assert "--debug" in run(f"fastgpt.{command}", "--help", cwd=tmp_path).stdout
+    proc = run(f"fastgpt.{command}", *args, "--debug", cwd=tmp_path)
+    assert proc.returncode == ExitStatus.CRASH and proc.stderr.startswith("Traceback (most recent call last):")
+    assert f"{error}: " in proc.stderr.splitlines()[-1] and words in proc.stderr.splitlines()[-1]

@@ -255,7 +255,7 @@ def test_cli_text_and_errors(tmp_path, capsys):
     assert prepare.main(["text", "--input", str(path), "--out", str(out), "--piece-chars", "100"]) == 0
     assert (out / "train.bin").stat().st_size > 0 and (out / "val.bin").stat().st_size > 0
 
-    assert prepare.main(["text", "--input", str(tmp_path / "nope.txt"), "--out", str(out)]) == 1
+    assert prepare.main(["text", "--input", str(tmp_path / "nope.txt"), "--out", str(out)]) == 2
     assert "error: input file" in capsys.readouterr().err
 
 

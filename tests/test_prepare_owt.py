@@ -219,7 +219,7 @@ def test_owt_without_datasets_says_what_to_install(tmp_path, monkeypatch, capsys
     assert "pip install -e '.[openwebtext]'" in message and "pip install datasets" in message
     assert not (tmp_path / "owt").exists()
 
-    assert prepare.main(["openwebtext", "--out", str(tmp_path / "owt")]) == 1
+    assert prepare.main(["openwebtext", "--out", str(tmp_path / "owt")]) == 2
     assert "error: openwebtext needs the optional `datasets` package" in capsys.readouterr().err
 
 
