@@ -1,5 +1,6 @@
 """The modded-nanogpt switches (activation, rope, qk_norm, tie_embeddings, zero_init_proj,
-logit_softcap): each one's math in the model."""
+logit_softcap): each one's math, each one learning, and all of them at once through the trainer,
+a resume, sampling, the Triton ops and the export."""
 
 import math
 
@@ -8,9 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import checkpoint as ckpt_io
-from fastgpt import model as model_module
+from fastgpt import export, init_from, model as model_module, sample
+from fastgpt.config import ConfigError, TrainConfig, help_text
 from fastgpt.model import GPT, MLP, GPTConfig, Rotary
+from fastgpt.train import train
 
+from conftest import tiny_config
+from test_train import first_moments
 
 SWITCHES = dict(activation="relu2", rope=True, qk_norm=True, tie_embeddings=False, zero_init_proj=True,
                 logit_softcap=15.0)
@@ -186,3 +191,93 @@ def test_model_args_hold_a_switch_only_when_it_is_on():
     for switch in ONE_AT_A_TIME:
         args = GPTConfig(**switch).to_model_args()
         assert set(args) == nanogpt_keys | set(switch) and GPTConfig(**args) == GPTConfig(**switch)
+
+
+def test_a_resume_reads_a_missing_switch_as_its_default(tmp_path):
+    """A nanoGPT checkpoint has no switches: it is a default model whatever the config asks for."""
+    wanted = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, **SWITCHES)
+    saved = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32).to_model_args()
+    config, taken = init_from.adopt_model_args(saved, wanted, 64, tmp_path / "ckpt.pt")
+    defaults = GPTConfig()
+    assert all(getattr(config, k) == getattr(defaults, k) for k in SWITCHES if k != "zero_init_proj")
+    assert "rope=False (config: True)" in taken and "logit_softcap=0.0 (config: 15.0)" in taken
+    assert not any(t.startswith("zero_init_proj") for t in taken)  # a new model's init, not the weights'
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"activation": "swish"}, r"activation='swish' is not allowed; choose one of 'gelu', 'relu2'"),
+    ({"logit_softcap": -1.0}, r"logit_softcap=-1.0 must be >= 0"),
+    ({"rope": True, "n_embd": 30, "n_head": 2}, r"rope=True .* head size n_embd / n_head = 15 must be even"),
+    ({"logit_softcap": 30.0, "head_loss_kernel": "fp8"}, r"head_loss_kernel='fp8' cannot apply logit_softcap=30.0"),
+])
+def test_config_refuses_switch_values_naming_the_field(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**values)
+
+
+def test_help_names_every_switch():
+    text = help_text()
+    for name in SWITCHES:
+        assert f"--{name}=" in text
+    assert TrainConfig().to_dict().items() >= {"rope": False, "tie_embeddings": True, "logit_softcap": 0.0}.items()
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("switch", ONE_AT_A_TIME, ids=lambda s: next(iter(s)))
+def test_each_switch_learns(tmp_path, tiny_data, switch):
+    data_root, _ = tiny_data
+    result = train(tiny_config(tmp_path, data_root, max_iters=40, eval_interval=40, eval_iters=5, lr_decay_iters=40,
+                               **switch))
+    assert all(getattr(result.model.config, k) == v for k, v in switch.items())
+    (_, _, first_val), (_, _, last_val) = result.history["eval"][0], result.history["eval"][-1]
+    assert last_val < 0.5 * first_val  # ~4.2 at init, ~1.3 after 40 steps on the counting pattern
+
+
+def test_all_switches_resume_exactly_then_sample_and_refuse_export(tmp_path, tiny_data, capsys):
+    data_root, _ = tiny_data
+    common = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, log_interval=1, dropout=0.1, **SWITCHES)
+    whole = train(tiny_config(tmp_path / "whole", data_root, **common))
+    losses_whole = dict(whole.history["train"])
+    assert losses_whole[20] < 0.6 * losses_whole[1]
+    out = tmp_path / "parts"
+    train(tiny_config(out, data_root, **{**common, "max_iters": 10}))
+    # The config no longer names the switches: the checkpoint's model_args bring them back.
+    resumed = train(tiny_config(out, data_root, init_from="resume", max_iters=20, lr_decay_iters=20, eval_interval=10,
+                                log_interval=1, dropout=0.1))
+    assert "took the model's shape from ckpt.pt: activation='relu2' (config: 'gelu'), rope=True" in capsys.readouterr().out
+    losses_resumed = dict(resumed.history["train"])
+    assert sorted(losses_resumed) == list(range(11, 21))
+    for it in range(11, 21):
+        assert losses_resumed[it] == pytest.approx(losses_whole[it], rel=1e-6, abs=1e-7), it
+    for k, v in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    checkpoint = ckpt_io.load_checkpoint(out / "out" / "ckpt.pt")
+    architecture = {k: v for k, v in SWITCHES.items() if k != "zero_init_proj"}  # the init is the first run's
+    assert {k: checkpoint["model_args"][k] for k in architecture} == architecture
+    assert checkpoint["config"]["rope"] is True  # the run's config adopted the checkpoint's switches
+
+    assert sample.main(["--out_dir", str(out / "out"), "--start", "abc", "--num_samples=1", "--max_new_tokens=8",
+                        "--device=cpu"]) == 0
+    assert capsys.readouterr().out.startswith("abc")
+
+    target = tmp_path / "hf"
+    assert export.main([str(out / "out"), "--hf", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rope=True" in err and "qk_norm=True" in err and "logit_softcap=15.0" in err
+    assert not target.exists()
+
+
+def test_triton_and_torch_ops_agree_with_every_switch_on(tmp_path, tiny_data):
+    """The Triton LayerNorms (Triton's interpreter on a CPU) against torch's: the same initial
+    losses and the same first gradients (AdamW's first moment after one step)."""
+    pytest.importorskip("triton")
+    data_root, _ = tiny_data
+    common = dict(max_iters=1, eval_interval=1, eval_iters=2, grad_clip=0.0, optimizer_kernel="torch", **SWITCHES)
+    ref = train(tiny_config(tmp_path / "torch", data_root, kernels="torch", **common))
+    tri = train(tiny_config(tmp_path / "triton", data_root, kernels="triton", **common))
+    for (_, *a), (_, *b) in zip(ref.history["eval"], tri.history["eval"]):
+        assert b == pytest.approx(a, rel=1e-5)
+    for g_ref, g_tri in zip(first_moments(tmp_path / "torch" / "out"), first_moments(tmp_path / "triton" / "out")):
+        torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-6)
