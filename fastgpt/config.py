@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.errors import FastgptError
 from fastgpt.ops import KERNEL_CHOICES, OP_CHOICES, OP_FIELDS
+from fastgpt.model import MLP_ACTIVATIONS
 from fastgpt.pretrained import GPT2_MODELS
 from fastgpt.hardware import DTYPES
 
@@ -57,7 +58,8 @@ class TrainConfig:
         metadata=_doc(
             "'scratch' for a new model, 'resume' to continue out_dir's newest checkpoint (its shape overrides the "
             "config's), 'auto' to resume when there is one and start from scratch when not (torchrun --max-restarts, "
-            "requeued jobs), or OpenAI's 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from local files (hf_dir)",
+            "requeued jobs), or OpenAI's 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from local files (hf_dir); a "
+            "checkpoint or GPT-2 decides the shape and the speedrun switches below (GPT-2: all off), naming each taken",
             ("scratch", "resume", "auto", *GPT2_MODELS),
         ),
     )
@@ -100,6 +102,43 @@ class TrainConfig:
     )
     vocab_multiple: int = field(
         default=64, metadata=_doc("pad the embedding table to a multiple of this (50257 -> 50304); 1 for no padding")
+    )
+    # Switches from the modded-nanogpt speedrun, each off by default (GPT-2's and nanoGPT's math). They
+    # describe the weights, so a resume takes them from its checkpoint and init_from='gpt2*' from GPT-2
+    # (all off): the log names each one taken over the config's. zero_init_proj is the exception: it only
+    # shapes a new model's first weights.
+    activation: str = field(
+        default="gelu",
+        metadata=_doc("the MLP's nonlinearity: 'gelu' (GPT-2's) or 'relu2', relu(x)^2 (So et al. 2021, Primer; "
+                      "modded-nanogpt)", MLP_ACTIVATIONS),
+    )
+    rope: bool = field(
+        default=False,
+        metadata=_doc("rotary position embeddings on q and k (Su et al. 2021, RoFormer; base 10000; modded-nanogpt) "
+                      "instead of the learned position table wpe, which the model then has not; needs an even "
+                      "n_embd / n_head"),
+    )
+    qk_norm: bool = field(
+        default=False,
+        metadata=_doc("scale q and k to unit RMS per head before attention (an RMSNorm without weights), which "
+                      "bounds the attention logits (Dehghani et al. 2023; modded-nanogpt)"),
+    )
+    tie_embeddings: bool = field(
+        default=True,
+        metadata=_doc("one matrix embeds tokens and scores them, as in GPT-2 (Press & Wolf 2017); False: lm_head "
+                      "has its own weight (modded-nanogpt)"),
+    )
+    zero_init_proj: bool = field(
+        default=False,
+        metadata=_doc("start the attention and MLP output projections (c_proj), and an untied lm_head, at zero "
+                      "(modded-nanogpt) instead of GPT-2's N(0, 0.02/sqrt(2 n_layer)); only a new model's: weights from a "
+                      "checkpoint or GPT-2 are used as they are"),
+    )
+    logit_softcap: float = field(
+        default=0.0,
+        metadata=_doc("> 0: logits -> cap * tanh(logits / cap), so |logit| < cap, in training and sampling "
+                      "(Gemma 2; modded-nanogpt uses 15-30); the head then forms the full logits, as no fused "
+                      "head + loss kernel applies the cap (head_loss_kernel='fp8' is refused); 0: off"),
     )
     # --- AdamW
     learning_rate: float = field(default=6e-4, metadata=_doc("peak learning rate"))
@@ -190,7 +229,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         nonneg = ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr",
-                  "profile_wait", "profile_warmup", "target_loss")
+                  "profile_wait", "profile_warmup", "target_loss", "logit_softcap")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
@@ -209,6 +248,12 @@ class TrainConfig:
             raise ConfigError(f"vocab_size={self.vocab_size} must be a positive integer or None")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"rope=True rotates channel pairs: the head size n_embd / n_head = "
+                              f"{self.n_embd // self.n_head} must be even")
+        if self.logit_softcap and self.head_loss_kernel == "fp8":
+            raise ConfigError(f"head_loss_kernel='fp8' cannot apply logit_softcap={self.logit_softcap}; use "
+                              "head_loss_kernel='torch' or logit_softcap=0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         for name in ("beta1", "beta2"):

@@ -7,12 +7,12 @@ The folder holds config.json and model.safetensors, which GPT2LMHeadModel loads 
 fastgpt's logits, plus the tokenizer: GPT-2 BPE's vocab.json and merges.txt for BPE runs, or for a
 character-level run its vocabulary as char_vocab.json ({"vocab_size", "itos"}), which
 transformers has no tokenizer class for. The folder is written whole or not at all, and an
-existing one is never overwritten.
+existing one is never overwritten. A model with rope, qk_norm or logit_softcap is refused in one
+line: GPT2LMHeadModel computes none of them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -27,7 +27,7 @@ from fastgpt.cli import OneLineParser, run_command
 from fastgpt.errors import FastgptError
 from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.pretrained import CONFIG_NAME, SAFETENSORS_NAME, hf_config, to_hf_state
+from fastgpt.pretrained import CONFIG_NAME, SAFETENSORS_NAME, check_hf_expressible, hf_config, to_hf_state
 from fastgpt.tokenizer import CharTokenizer, load_tokenizer, write_gpt2_hf_tokenizer
 
 CHAR_VOCAB_NAME = "char_vocab.json"
@@ -48,6 +48,7 @@ def export_hf(out_dir: str | os.PathLike, hf_dir: str | os.PathLike, data_dir: s
         model = GPT(GPTConfig(**checkpoint.get("model_args", {})))
     except (TypeError, ValueError) as e:
         raise ExportError(f"{path}: its model_args do not describe a GPT ({e})") from e
+    check_hf_expressible(model.config)  # before anything is read or written for the export
     ckpt_io.load_model_state(model, checkpoint["model"], path)
     config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
     data = pathlib.Path(data_dir) if data_dir else pathlib.Path(config.get("data_root", DEFAULT_DATA_ROOT)) / config.get("dataset", "")

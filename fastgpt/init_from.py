@@ -24,13 +24,16 @@ import torch
 
 from fastgpt import checkpoint as ckpt_io
 from fastgpt.config import TrainConfig
-from fastgpt.model import GPT, GPTConfig, padded_vocab_size
+from fastgpt.model import GPT, NANOGPT_FIELDS, GPTConfig, padded_vocab_size
 from fastgpt.ops import OpChoices
 from fastgpt.ops import check_head_shapes
 from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2_state
 
 # The GPTConfig fields that the weights decide: a checkpoint's or GPT-2's values win over the config's.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "gelu")
+# The speedrun's switches are among them (GPT-2's weights have every one off), but not zero_init_proj,
+# which only a new model's first weights depend on.
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "gelu",
+                "activation", "rope", "qk_norm", "tie_embeddings", "logit_softcap")
 # Of those, the ones TrainConfig also has and takes over. Not vocab_size, whose None in the config
 # means "the dataset's, padded" and stays so; not gelu, which only a model's shape names.
 ADOPTED_CONFIG_FIELDS = tuple(k for k in SHAPE_FIELDS if k in TrainConfig.__dataclass_fields__ and k != "vocab_size")
@@ -57,7 +60,10 @@ def resolve(cfg: TrainConfig, data_vocab: int, log=lambda line: None) -> Init:
 
 def _resolve(cfg: TrainConfig, data_vocab: int) -> Init:
     wanted = GPTConfig(block_size=cfg.block_size, vocab_size=padded_vocab_size(data_vocab, cfg.vocab_multiple),
-                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                       activation=cfg.activation, rope=cfg.rope, qk_norm=cfg.qk_norm,
+                       tie_embeddings=cfg.tie_embeddings, zero_init_proj=cfg.zero_init_proj,
+                       logit_softcap=cfg.logit_softcap)
     newest = ckpt_io.newest_checkpoint(cfg.out_dir)
     if cfg.init_from == "resume" or (cfg.init_from == "auto" and newest):
         path = newest or ckpt_io.checkpoint_path(cfg.out_dir)
@@ -76,11 +82,12 @@ def _resolve(cfg: TrainConfig, data_vocab: int) -> Init:
 
 def adopt_model_args(saved: dict, wanted: GPTConfig, data_vocab: int, path) -> tuple[GPTConfig, list[str]]:
     """The model a resume builds: the checkpoint's shape with the config's dropout, and 'field=saved
-    (config: wanted)' for each field taken. A field the checkpoint lacks keeps the config's value,
-    except gelu, which nanoGPT never saves: its checkpoints are all the exact GELU, the default."""
+    (config: wanted)' for each field taken. A field of nanoGPT's that the checkpoint lacks keeps the
+    config's value; any other means its default, which model_args leave out (GPTConfig.to_model_args),
+    and which every nanoGPT model has (the exact GELU, learned positions, a tied head, ...)."""
     if not isinstance(saved, dict):
         raise ckpt_io.CheckpointError(f"{path}: its 'model_args' entry is not a dict of GPTConfig fields")
-    defaults = {**dataclasses.asdict(wanted), "gelu": GPTConfig.gelu}
+    defaults = {k: v if k in NANOGPT_FIELDS else getattr(GPTConfig, k) for k, v in dataclasses.asdict(wanted).items()}
     shape = {k: saved.get(k, defaults[k]) for k in SHAPE_FIELDS}
     try:
         config = dataclasses.replace(wanted, **shape)

@@ -1,6 +1,8 @@
 """A GPT-2-style decoder with nanoGPT's parameter names, so nanoGPT checkpoints load as they are.
 
 References: GPT-2 (Radford et al. 2019) and its released code; nanoGPT's model.py for the layout.
+Switches from the modded-nanogpt speedrun (activation, rope, qk_norm, tie_embeddings,
+zero_init_proj, logit_softcap) are off by default, which is GPT-2's and nanoGPT's math.
 Shapes in comments: B batch, T time, C n_embd, nh heads, hs head size, V vocabulary.
 """
 
@@ -13,11 +15,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastgpt.ops import TORCH_OPS, Ops
+from fastgpt.ops import TORCH_OPS, Ops, full_logits_loss
 
 # GPT-2 initialises weights from N(0, 0.02) (its model.py: `initializer_range`).
 INIT_STD = 0.02
 GELU_APPROXIMATIONS = ("none", "tanh")
+# The MLP's nonlinearity: GPT-2's GELU, or ReLU squared (So et al. 2021, "Primer"; the speedrun's).
+MLP_ACTIVATIONS = ("gelu", "relu2")
+# RoFormer's base (Su et al. 2021): channel pair i of a head of size hs turns by t * ROPE_BASE^(-2i/hs)
+# at position t, from 1 radian per position for the first pair to ~1/ROPE_BASE for the last.
+ROPE_BASE = 10_000.0
+# nanoGPT's GPTConfig fields, which a checkpoint's model_args always hold. Every other field is left
+# out at its default, so nanoGPT's GPTConfig(**model_args) loads every model nanoGPT can build, and
+# a field that model_args lacks reads as its default.
+NANOGPT_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
 
 
 @dataclass
@@ -30,18 +41,29 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 had
     gelu: str = "none"  # torch's GELU `approximate`: 'none' (erf, nanoGPT's) or 'tanh' (GPT-2's own)
+    # The speedrun's switches (see TrainConfig's help for each); every default is GPT-2's.
+    activation: str = "gelu"  # the MLP's nonlinearity: 'gelu' or 'relu2' (ReLU squared)
+    rope: bool = False  # rotary positions in q and k (RoFormer) instead of the learned wpe table
+    qk_norm: bool = False  # q and k scaled to unit RMS per head before attention
+    tie_embeddings: bool = True  # lm_head shares wte's weight (Press & Wolf 2017), as in GPT-2
+    zero_init_proj: bool = False  # c_proj (and an untied lm_head) start at zero, not GPT-2's scaled normal
+    logit_softcap: float = 0.0  # > 0: logits -> cap * tanh(logits / cap) (Gemma 2); 0: off
 
     def __post_init__(self) -> None:
-        if self.gelu not in GELU_APPROXIMATIONS:
-            raise ValueError(f"gelu={self.gelu!r} is not allowed; choose one of {', '.join(map(repr, GELU_APPROXIMATIONS))}")
+        for name, allowed in (("gelu", GELU_APPROXIMATIONS), ("activation", MLP_ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
+            raise ValueError(f"logit_softcap={self.logit_softcap} must be a finite number >= 0 (0: off)")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope=True rotates channel pairs: the head size n_embd / n_head = "
+                             f"{self.n_embd // self.n_head} must be even")
 
     def to_model_args(self) -> dict:
-        """The checkpoint's `model_args`. nanoGPT's GPTConfig(**model_args) knows no `gelu`, so the
-        default (nanoGPT's exact GELU) is left out; fastgpt.init_from reads it back as the default."""
-        args = asdict(self)
-        if args["gelu"] == "none":
-            del args["gelu"]
-        return args
+        """The checkpoint's `model_args`: nanoGPT's fields, and the others only where they are not
+        the default (see NANOGPT_FIELDS); fastgpt.init_from reads a missing one as its default."""
+        defaults = GPTConfig()
+        return {k: v for k, v in asdict(self).items() if k in NANOGPT_FIELDS or v != getattr(defaults, k)}
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -67,6 +89,43 @@ class LayerNorm(nn.Module):
         return self.ops.add_layer_norm(x, branch, self.weight, self.bias)
 
 
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021, RoFormer): the channel pairs (i, i + hs/2) of a
+    head turn by the angle t * ROPE_BASE^(-2i/hs) at position t, so q at s dotted with k at t
+    depends on s - t alone, and no vector changes length. cos and sin are buffers no checkpoint
+    holds."""
+
+    def __init__(self, head_size: int, block_size: int):
+        super().__init__()
+        # Real values even under torch.device('meta') (a model built there takes its weights with
+        # assign=True): no state dict restores these.
+        device = torch.get_default_device()
+        device = torch.device("cpu") if device.type == "meta" else device
+        inv_freq = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=device) / head_size)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32, device=device), inv_freq)  # (T, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, nh, T, hs), rotated in fp32 and returned in its own dtype."""
+        cos, sin = self.cos[: x.size(-2)], self.sin[: x.size(-2)]  # (T, hs/2)
+        x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+def rms_norm_heads(x: torch.Tensor) -> torch.Tensor:
+    """x (..., hs) with each head's vector scaled to unit RMS, in fp32, returned in x's dtype (so q,
+    k and v agree under autocast)."""
+    return F.rms_norm(x.float(), (x.size(-1),)).type_as(x)
+
+
+class ReluSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, "Primer"; the modded-nanogpt speedrun's MLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -76,6 +135,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        # QK-norm (Dehghani et al. 2023; the speedrun) bounds the attention logits, whose growth
+        # saturates the softmax and destabilises training. The speedrun's RMSNorm without a gain, not
+        # the paper's LayerNorm: it adds no parameters, so the state dict keeps nanoGPT's keys.
+        self.qk_norm = config.qk_norm
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.rope else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -83,6 +147,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = rms_norm_heads(q), rms_norm_heads(k)
+        if self.rotary is not None:  # after the norm, as the speedrun: a rotation keeps the unit RMS
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )  # (B, nh, T, hs)
@@ -96,12 +164,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # Exact (erf) GELU by default, as nanoGPT uses: on CPUs it runs faster than GPT-2's tanh
         # approximation. Pretrained GPT-2 weights load with 'tanh', so their logits are OpenAI's.
-        self.gelu = nn.GELU(approximate=config.gelu)
+        self.act = nn.GELU(approximate=config.gelu) if config.activation == "gelu" else ReluSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -125,27 +193,35 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.ops = ops
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, ops) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias, ops=ops),
-            )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not config.rope:  # with RoPE, attention gives q and k their positions instead
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, ops) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias, ops=ops),
         )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), two per block, so the
-        # residual stream's variance does not grow with depth.
+        # residual stream's variance does not grow with depth. The speedrun starts them at zero
+        # instead, so every block begins as the identity, and an untied head too (uniform logits).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
+        if config.zero_init_proj and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     def tie_weights(self) -> None:
-        """Weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them."""
-        self.transformer.wte.weight = self.lm_head.weight
+        """Weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them, unless
+        tie_embeddings=False."""
+        if self.config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -157,11 +233,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the position embeddings (the token embeddings
-        count, since tying makes them the output layer's weights)."""
+        """Parameter count; by default without the tables that are only looked up: the position
+        embeddings, and the token embeddings when untied (tied, they are the head's matmul and count)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -173,22 +252,36 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(0, T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+            return self.logits(x[:, [-1], :]), None  # (B, 1, V)
+        if self.config.logit_softcap:
+            # The fused head + loss kernels know no cap: form the capped logits, then the plain loss.
+            logits = self.logits(x)  # (B, T, V) fp32
+            return logits, full_logits_loss(logits.view(B * T, -1), targets.reshape(-1))
         logits, loss = self.ops.head_and_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         return (None if logits is None else logits.view(B, T, -1)), loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head over hidden states x (..., C): lm_head's logits, or with logit_softcap > 0
+        cap * tanh(logits / cap) in fp32 (Gemma 2; the speedrun), which keeps every |logit| < cap."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context, e.g. to finetune a 1024-token model at 256 tokens."""
         if block_size > self.config.block_size:
             raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:  # RoPE's longer tables do no harm: forward takes their first T rows
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's

@@ -166,7 +166,8 @@ def _torch_add_layer_norm(x, branch, weight, bias):
     return s, F.layer_norm(s, weight.shape, weight, bias, LN_EPS)
 
 
-def _full_logits_loss(logits, targets):
+def full_logits_loss(logits, targets):
+    """Mean cross-entropy of formed logits (N, V) over the targets that are not IGNORE_INDEX; 0 when none is."""
     total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return mean_loss(total, count_targets(targets, IGNORE_INDEX))
 
@@ -179,14 +180,14 @@ def _torch_head_and_loss(hidden, weight, targets):
         dtype = _autocast_dtype(hidden)
         return None, linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, IGNORE_INDEX, impl="torch")
     logits = F.linear(hidden, weight)  # (N, V)
-    return logits, _full_logits_loss(logits, targets)
+    return logits, full_logits_loss(logits, targets)
 
 
 def _fp8_head_and_loss(hidden, weight, targets):
     # The fp32 weight and residual stream are scaled into fp8 straight from fp32 (no bf16 rounding
     # first); the logits come out in the autocast dtype, as F.linear's would.
     logits = fp8_linear(hidden, weight, out_dtype=_autocast_dtype(hidden))  # (N, V)
-    return logits, _full_logits_loss(logits, targets)
+    return logits, full_logits_loss(logits, targets)
 
 
 TORCH_OPS = Ops("torch", _torch_layer_norm, _torch_add_layer_norm, _torch_head_and_loss)

@@ -12,6 +12,10 @@ The layouts differ in three ways, all handled here: GPT-2's Conv1D stores each p
 its 50257-token vocabulary is padded here to a multiple of 64, with zero rows that generation masks
 (GPT.generate's vocab_limit). safetensors files load without pickle; .bin files with
 torch.load(weights_only=True). Either way no code in the file runs.
+
+Going out (fastgpt.export), the speedrun's relu2 and untied head are written as transformers'
+activation 'relu2' and tie_word_embeddings=False; a model with rope, qk_norm or a logit softcap is
+refused, as GPT2LMHeadModel computes none of them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 # Buffers some GPT-2 files carry (the causal mask and its fill value): not weights.
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 PREFIX = "transformer."
+# GPTConfig switches GPT2LMHeadModel has no counterpart for; relu2 ('relu2' in transformers' ACT2FN)
+# and an untied head (tie_word_embeddings=False) it does compute.
+NOT_IN_HF_GPT2 = ("rope", "qk_norm", "logit_softcap")
 EOT_ID = 50256  # GPT-2's <|endoftext|>, its only special token
 
 
@@ -183,19 +190,31 @@ def load_gpt2(name: str, hf_dir: str | None = None, **kwargs) -> tuple[GPT, int]
     return model, vocab_size
 
 
+def check_hf_expressible(config: GPTConfig) -> None:
+    """PretrainedError, one line naming the switches, when GPT2LMHeadModel cannot compute `config`'s model."""
+    used = [f"{k}={getattr(config, k)!r}" for k in NOT_IN_HF_GPT2 if getattr(config, k) != getattr(GPTConfig, k)]
+    if used:
+        raise PretrainedError(f"the model uses {', '.join(used)}, which Hugging Face's GPT-2 (GPT2LMHeadModel) cannot "
+                              "compute; only models with " + ", ".join(f"{k}={getattr(GPTConfig, k)!r}" for k in NOT_IN_HF_GPT2)
+                              + " export to its format")
+
+
 def to_hf_state(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
     """fastgpt's state -> GPT2LMHeadModel's names and layout, unpadded to `vocab_size` rows. A
     model without biases gets zero biases, which compute the same thing."""
+    check_hf_expressible(model.config)
     state = {}
     for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
+        if key == "lm_head.weight" and model.config.tie_embeddings:
             continue  # tied: transformers rebuilds it from wte
         value = value.detach().float().cpu()
         state[key] = value.t().contiguous() if key.endswith(CONV1D_SUFFIXES) else value.contiguous()
-    state[PREFIX + "wte.weight"] = state[PREFIX + "wte.weight"][:vocab_size].contiguous()
+    for key in (PREFIX + "wte.weight", "lm_head.weight"):
+        if key in state:
+            state[key] = state[key][:vocab_size].contiguous()
     if not model.config.bias:
         for key, value in list(state.items()):
-            if key.endswith(".weight") and not key.endswith(("wte.weight", "wpe.weight")):
+            if key.endswith(".weight") and not key.endswith(("wte.weight", "wpe.weight", "lm_head.weight")):
                 width = value.shape[1] if key.endswith(CONV1D_SUFFIXES) else value.shape[0]
                 state[key[: -len("weight")] + "bias"] = torch.zeros(width)
     return state
@@ -204,6 +223,8 @@ def to_hf_state(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
 def hf_config(model: GPT, vocab_size: int) -> dict:
     """config.json for GPT2LMHeadModel describing `model`."""
     cfg = model.config
+    check_hf_expressible(cfg)
+    activation = "relu2" if cfg.activation == "relu2" else "gelu_new" if cfg.gelu == "tanh" else "gelu"
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -213,12 +234,12 @@ def hf_config(model: GPT, vocab_size: int) -> dict:
         "n_positions": cfg.block_size,
         "n_ctx": cfg.block_size,
         "vocab_size": vocab_size,
-        "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu",
+        "activation_function": activation,
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
         **({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID} if vocab_size > EOT_ID else {}),
     }

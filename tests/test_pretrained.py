@@ -196,6 +196,46 @@ def test_a_character_level_run_exports_with_its_vocabulary(tmp_path, tiny_data, 
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_relu2_and_an_untied_head_export_with_the_same_logits(tmp_path, tiny_data):
+    """transformers' GPT-2 computes ReLU² ('relu2') and honours tie_word_embeddings=False."""
+    data_root, _ = tiny_data
+    result = train(tiny_config(tmp_path, data_root, max_iters=4, eval_interval=4, activation="relu2",
+                               tie_embeddings=False))
+    folder = export.export_hf(tmp_path / "out", tmp_path / "exported")
+    back = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    assert back.config.activation_function == "relu2" and back.config.tie_word_embeddings is False
+    assert back.lm_head.weight.data_ptr() != back.transformer.wte.weight.data_ptr()
+    idx = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, fastgpt_logits(result.model.eval(), idx)[..., :32],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("switch", [{"rope": True}, {"qk_norm": True}, {"logit_softcap": 30.0}])
+def test_export_refuses_what_gpt2_cannot_compute_in_one_line(tmp_path, tiny_data, capsys, switch):
+    data_root, _ = tiny_data
+    train(tiny_config(tmp_path, data_root, max_iters=2, eval_interval=2, **switch))
+    assert export.main([str(tmp_path / "out"), "--hf", str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err.strip()
+    (name, value), = switch.items()
+    assert len(err.splitlines()) == 1 and f"the model uses {name}={value!r}, which Hugging Face's GPT-2" in err, err
+    assert not (tmp_path / "exported").exists()
+
+
+def test_gpt2_weights_decide_the_switches_and_the_log_says_so(tmp_path, capsys):
+    hf_model().save_pretrained(tmp_path / "hf")
+    write_bpe_dataset(tmp_path / "data" / "bpe")
+    switches = dict(activation="relu2", rope=True, qk_norm=True, tie_embeddings=False, logit_softcap=30.0)
+    result = train(tiny_config(tmp_path, tmp_path / "data", dataset="bpe", init_from="gpt2", hf_dir=str(tmp_path / "hf"),
+                               max_iters=1, eval_interval=1, **switches))
+    out = capsys.readouterr().out
+    assert ("activation='gelu' (config: 'relu2'), rope=False (config: True), qk_norm=False (config: True), "
+            "tie_embeddings=True (config: False), logit_softcap=0.0 (config: 30.0)") in out
+    model = result.model
+    assert model.lm_head.weight is model.transformer.wte.weight and "wpe" in model.transformer
+    assert all(getattr(model.config, k) == getattr(GPTConfig, k) for k in switches)
+
+
 def test_export_never_overwrites_and_says_so(tmp_path, tiny_data, capsys):
     data_root, _ = tiny_data
     train(tiny_config(tmp_path, data_root, max_iters=2, eval_interval=2))
