@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.ops import KERNEL_CHOICES, OP_CHOICES, OP_FIELDS
+from fastgpt.optim import LR_SCHEDULES, get_lr, wsd_decay_start
 from fastgpt.pretrained import GPT2_MODELS
 from fastgpt.hardware import DTYPES
 
@@ -99,9 +100,25 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata=_doc("AdamW beta2"))
     grad_clip: float = field(default=1.0, metadata=_doc("clip the global gradient norm to this; 0 disables"))
     # --- learning-rate schedule
-    decay_lr: bool = field(default=True, metadata=_doc("warmup then cosine decay; False keeps learning_rate"))
+    decay_lr: bool = field(default=True, metadata=_doc("warmup then decay (lr_schedule); False keeps learning_rate"))
+    lr_schedule: str = field(
+        default="cosine",
+        metadata=_doc(
+            "'cosine' (nanoGPT's): after the warmup, a cosine down to min_lr at lr_decay_iters; 'wsd' "
+            "(warmup-stable-decay, Hägele et al. 2024): learning_rate until the last decay_fraction of "
+            "lr_decay_iters, then linear down to min_lr at lr_decay_iters",
+            LR_SCHEDULES,
+        ),
+    )
+    decay_fraction: float = field(
+        default=0.2,
+        metadata=_doc("lr_schedule='wsd': the share of lr_decay_iters spent decaying (Hägele et al. find 20% matches a "
+                      "cosine)"),
+    )
     warmup_iters: int = field(default=2000, metadata=_doc("linear warmup steps"))
-    lr_decay_iters: int = field(default=600000, metadata=_doc("step where the cosine reaches min_lr (~max_iters, per Chinchilla)"))
+    lr_decay_iters: int = field(
+        default=600000, metadata=_doc("step where the schedule reaches min_lr (~max_iters, per Chinchilla)")
+    )
     min_lr: float = field(default=6e-5, metadata=_doc("floor of the schedule (~learning_rate/10, per Chinchilla)"))
     # --- system
     backend: str = field(default="nccl", metadata=_doc("DDP backend on CUDA (gloo is used on CPU)", ("nccl", "gloo")))
@@ -204,11 +221,19 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction={self.decay_fraction} must be in (0, 1]")
         if self.decay_lr and self.min_lr > self.learning_rate:  # nanoGPT's finetune config leaves min_lr above a constant rate
             raise ConfigError(f"min_lr={self.min_lr} must not exceed learning_rate={self.learning_rate}")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             raise ConfigError(
                 f"warmup_iters={self.warmup_iters} must not exceed lr_decay_iters={self.lr_decay_iters}"
+            )
+        decay_start = wsd_decay_start(self.lr_decay_iters, self.decay_fraction)
+        if self.decay_lr and self.lr_schedule == "wsd" and self.warmup_iters > decay_start:
+            raise ConfigError(
+                f"warmup_iters={self.warmup_iters} must end before lr_schedule='wsd' starts its decay at iteration "
+                f"{decay_start:g} (lr_decay_iters={self.lr_decay_iters} x (1 - decay_fraction={self.decay_fraction}))"
             )
 
     def to_dict(self) -> dict:
@@ -218,6 +243,13 @@ class TrainConfig:
     def tokens_per_iter(self) -> int:
         """Tokens one optimizer step trains on, over all ranks."""
         return self.gradient_accumulation_steps * self.batch_size * self.block_size
+
+    def lr_at(self, it: int) -> float:
+        """The learning rate of iteration `it`: optim.get_lr's schedule, or learning_rate without decay_lr."""
+        if not self.decay_lr:
+            return self.learning_rate
+        return get_lr(it, self.learning_rate, self.warmup_iters, self.lr_decay_iters, self.min_lr, self.lr_schedule,
+                      self.decay_fraction)
 
     def kernel_overrides(self) -> dict[str, str | None]:
         """op -> its own kernel choice (None: as `kernels`), for fastgpt.ops.choose_kernels."""

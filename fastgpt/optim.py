@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only, and the warmup + cosine learning-rate schedule."""
+"""AdamW with weight decay on matrices only, and the learning-rate schedule: nanoGPT's warmup +
+cosine, or warmup-stable-decay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+LR_SCHEDULES = ("cosine", "wsd")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -50,17 +53,30 @@ def build_adamw(groups: list[dict], learning_rate: float, betas: tuple[float, fl
     return optimizer_cls(groups, lr=learning_rate, betas=betas)
 
 
-def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float,
+           schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
     """Learning rate at iteration `it`: linear warmup from learning_rate/(warmup_iters+1) towards
-    learning_rate over warmup_iters steps (as nanoGPT), cosine decay to min_lr at lr_decay_iters,
-    then min_lr."""
+    learning_rate over warmup_iters steps (as nanoGPT), then down to min_lr at lr_decay_iters, then
+    min_lr. schedule='cosine': a cosine from the warmup's end (nanoGPT). schedule='wsd'
+    (warmup-stable-decay, Hägele et al. 2024): learning_rate until the last decay_fraction of
+    lr_decay_iters, then a straight line to min_lr (modded-nanogpt's cooldown)."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        decay_start = wsd_decay_start(lr_decay_iters, decay_fraction)
+        if it <= decay_start:
+            return learning_rate
+        return min_lr + (learning_rate - min_lr) * (lr_decay_iters - it) / (lr_decay_iters - decay_start)
     decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
+
+
+def wsd_decay_start(lr_decay_iters: int, decay_fraction: float) -> float:
+    """The iteration where lr_schedule='wsd' leaves learning_rate: the last decay_fraction of lr_decay_iters decays."""
+    return lr_decay_iters * (1 - decay_fraction)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -33,7 +33,7 @@ from fastgpt.hardware import (RuntimeConfigError, autocast, compiles, configure_
                               host_summary, peak_flops, resolve_device, resolve_dtype)
 from fastgpt.metrics import Reporter, ThroughputMeter, Tracker, elapsed_before
 from fastgpt.ops import KernelChoiceError, choose_kernels
-from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
+from fastgpt.optim import clip_and_step, make_optimizer, set_lr
 from fastgpt.outdir import RunDirError
 from fastgpt.pretrained import PretrainedError
 from fastgpt.profiling import StepProfiler
@@ -166,8 +166,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
                         saver.save(iter_num, best_val_loss)  # a collective: every rank calls it
         if iter_num >= cfg.max_iters or cfg.eval_only or prof.done:
             break
-        lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) if cfg.decay_lr else cfg.learning_rate
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr := cfg.lr_at(iter_num))  # warmup + decay (optim.get_lr), or learning_rate without decay_lr
         loss = train_step(model, optimizer, scaler, streams["train"], ctx, micro_steps, cfg, dist_info, watch, prof, meter,
                           iter_num, log)
         iter_num += 1
