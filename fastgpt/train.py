@@ -130,7 +130,8 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
 
     # ---------------------------------------------------------------- model, optimizer, resume
     model = init_from.build_model(init, kernels, cfg.batch_size, cfg.block_size, cfg.tokens_per_iter, log).to(device)
-    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, kernels.optimizer)
+    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, kernels.optimizer,
+                               muon=cfg.muon_settings())
     scaler = grad_scaler(device, dtype)
     iter_num, best_val_loss = init_from.restore_training_state(init, optimizer, scaler, streams, dist_info, cfg.seed, log)
     first_iter, resumed_from = iter_num, init.resumed_from
