@@ -2,7 +2,7 @@
 
 A checkpoint is one `torch.save`d dict with nanoGPT's keys, so either project reads the other's:
   model          the *uncompiled* model's state dict (no `_orig_mod.` prefixes to strip)
-  optimizer      the optimizer's state dict
+  optimizer      the optimizer's state dict (optimizer='muon': Muon's groups, then AdamW's, and 'kind')
   model_args     GPTConfig as a dict: the shape the weights belong to
   iter_num       optimizer steps taken
   best_val_loss  lowest validation loss seen
@@ -31,6 +31,7 @@ import torch
 from fastgpt import distributed
 from fastgpt.errors import FastgptError
 from fastgpt.fileio import atomic_writer, fsync_dir
+from fastgpt.optim import optimizer_kind
 
 CHECKPOINT_NAME = "ckpt.pt"
 # ckpt-ITER.pt: the checkpoints kept besides the newest, numbered by iteration.
@@ -254,6 +255,9 @@ def restore_training_state(
     if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups) and isinstance(saved.get("state"), dict)):
         raise CheckpointError(f"{path}: its 'optimizer' entry is not an optimizer state_dict "
                               "(a dict of 'state' and a list of 'param_groups')")
+    if (saved_kind := optimizer_kind(saved)) != (kind := optimizer_kind(optimizer)):
+        raise CheckpointError(f"{path} was trained with optimizer={saved_kind!r}, and this run has optimizer={kind!r}; "
+                              f"resume with --optimizer={saved_kind}, or start a new run in another --out_dir")
     # How the optimizer runs is this run's choice, not the saved one's: torch's loader takes each
     # group's flags from the file, so a checkpoint of TritonAdamW (fused=None) would turn torch's
     # fused kernel off. The live flags go into the file's groups before loading, so the loader

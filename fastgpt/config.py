@@ -21,6 +21,7 @@ from fastgpt.tokenfiles import DEFAULT_DATA_ROOT
 from fastgpt.errors import FastgptError
 from fastgpt.ops import KERNEL_CHOICES, OP_CHOICES, OP_FIELDS
 from fastgpt.model import MLP_ACTIVATIONS
+from fastgpt.optim import LR_SCHEDULES, OPTIMIZERS, MuonSettings, get_lr, wsd_decay_start
 from fastgpt.pretrained import GPT2_MODELS
 from fastgpt.hardware import DTYPES
 
@@ -142,15 +143,54 @@ class TrainConfig:
     )
     # --- AdamW
     learning_rate: float = field(default=6e-4, metadata=_doc("peak learning rate"))
+    # --- optimizer: AdamW (nanoGPT's); optimizer='muon' gives the blocks' matrices to Muon
+    optimizer: str = field(
+        default="adamw",
+        metadata=_doc(
+            "'adamw' for every parameter; 'muon' (modded-nanogpt's): torch.optim.Muon (Keller Jordan 2024) for the "
+            "attention and MLP weight matrices inside the blocks, AdamW for embeddings, LM head, norms and biases",
+            OPTIMIZERS,
+        ),
+    )
+    learning_rate: float = field(default=6e-4, metadata=_doc("peak learning rate (AdamW's)"))
     max_iters: int = field(default=600000, metadata=_doc("optimizer steps in total"))
     weight_decay: float = field(default=1e-1, metadata=_doc("decoupled weight decay on matrices and embeddings only"))
     beta1: float = field(default=0.9, metadata=_doc("AdamW beta1"))
     beta2: float = field(default=0.95, metadata=_doc("AdamW beta2"))
     grad_clip: float = field(default=1.0, metadata=_doc("clip the global gradient norm to this; 0 disables"))
+    muon_lr: float = field(
+        default=0.02,
+        metadata=_doc("optimizer='muon': Muon's peak rate (modded-nanogpt's and Keller Jordan's 0.02); the schedule "
+                      "scales it by the same factor as learning_rate"),
+    )
+    muon_momentum: float = field(
+        default=0.95, metadata=_doc("optimizer='muon': Muon's Nesterov momentum (modded-nanogpt's and torch's 0.95)")
+    )
+    muon_weight_decay: float = field(
+        default=0.0,
+        metadata=_doc("optimizer='muon': decoupled weight decay on Muon's matrices, p *= 1 - lr*wd at Muon's lr "
+                      "(0 as in modded-nanogpt's 2024 Muon records; torch's default is 0.1); weight_decay stays AdamW's"),
+    )
     # --- learning-rate schedule
-    decay_lr: bool = field(default=True, metadata=_doc("warmup then cosine decay; False keeps learning_rate"))
+    decay_lr: bool = field(default=True, metadata=_doc("warmup then decay (lr_schedule); False keeps learning_rate"))
+    lr_schedule: str = field(
+        default="cosine",
+        metadata=_doc(
+            "'cosine' (nanoGPT's): after the warmup, a cosine down to min_lr at lr_decay_iters; 'wsd' "
+            "(warmup-stable-decay, Hägele et al. 2024): learning_rate until the last decay_fraction of "
+            "lr_decay_iters, then linear down to min_lr at lr_decay_iters",
+            LR_SCHEDULES,
+        ),
+    )
+    decay_fraction: float = field(
+        default=0.2,
+        metadata=_doc("lr_schedule='wsd': the share of lr_decay_iters spent decaying (Hägele et al. find 20% matches a "
+                      "cosine)"),
+    )
     warmup_iters: int = field(default=2000, metadata=_doc("linear warmup steps"))
-    lr_decay_iters: int = field(default=600000, metadata=_doc("step where the cosine reaches min_lr (~max_iters, per Chinchilla)"))
+    lr_decay_iters: int = field(
+        default=600000, metadata=_doc("step where the schedule reaches min_lr (~max_iters, per Chinchilla)")
+    )
     min_lr: float = field(default=6e-5, metadata=_doc("floor of the schedule (~learning_rate/10, per Chinchilla)"))
     # --- system
     backend: str = field(default="nccl", metadata=_doc("DDP backend on CUDA (gloo is used on CPU)", ("nccl", "gloo")))
@@ -208,7 +248,8 @@ class TrainConfig:
     )
     optimizer_kernel: typing.Optional[str] = field(
         default=None,
-        metadata=_doc("AdamW: 'triton' is one launch over every parameter, 'torch' is torch's fused AdamW; None: as `kernels`",
+        metadata=_doc("AdamW (with optimizer='muon', the AdamW part): 'triton' is one launch over every parameter, "
+                      "'torch' is torch's fused AdamW; None: as `kernels`",
                       (None, *OP_CHOICES["optimizer"])),
     )
 
@@ -229,7 +270,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         nonneg = ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr",
-                  "profile_wait", "profile_warmup", "target_loss", "logit_softcap")
+                  "profile_wait", "profile_warmup", "target_loss", "logit_softcap", "muon_lr", "muon_weight_decay")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
@@ -256,14 +297,25 @@ class TrainConfig:
                               "head_loss_kernel='torch' or logit_softcap=0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.optimizer == "muon" and self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0 with optimizer='muon': Muon's rate is "
+                              "muon_lr times the schedule's fraction of learning_rate")
         if self.decay_lr and self.min_lr > self.learning_rate:  # nanoGPT's finetune config leaves min_lr above a constant rate
             raise ConfigError(f"min_lr={self.min_lr} must not exceed learning_rate={self.learning_rate}")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             raise ConfigError(
                 f"warmup_iters={self.warmup_iters} must not exceed lr_decay_iters={self.lr_decay_iters}"
+            )
+        decay_start = wsd_decay_start(self.lr_decay_iters, self.decay_fraction)
+        if self.decay_lr and self.lr_schedule == "wsd" and self.warmup_iters > decay_start:
+            raise ConfigError(
+                f"warmup_iters={self.warmup_iters} must end before lr_schedule='wsd' starts its decay at iteration "
+                f"{decay_start:g} (lr_decay_iters={self.lr_decay_iters} x (1 - decay_fraction={self.decay_fraction}))"
             )
 
     def to_dict(self) -> dict:
@@ -273,6 +325,19 @@ class TrainConfig:
     def tokens_per_iter(self) -> int:
         """Tokens one optimizer step trains on, over all ranks."""
         return self.gradient_accumulation_steps * self.batch_size * self.block_size
+
+    def lr_at(self, it: int) -> float:
+        """The learning rate of iteration `it`: optim.get_lr's schedule, or learning_rate without decay_lr."""
+        if not self.decay_lr:
+            return self.learning_rate
+        return get_lr(it, self.learning_rate, self.warmup_iters, self.lr_decay_iters, self.min_lr, self.lr_schedule,
+                      self.decay_fraction)
+
+    def muon_settings(self) -> MuonSettings | None:
+        """Muon's hyperparameters for optim.make_optimizer; None with optimizer='adamw'."""
+        if self.optimizer != "muon":
+            return None
+        return MuonSettings(self.muon_lr, self.muon_momentum, self.muon_weight_decay)
 
     def kernel_overrides(self) -> dict[str, str | None]:
         """op -> its own kernel choice (None: as `kernels`), for fastgpt.ops.choose_ops."""

@@ -34,7 +34,7 @@ from fastgpt.hardware import (autocast, compiles, configure_backends, describe_p
                               peak_flops, resolve_device, resolve_dtype)
 from fastgpt.metrics import Reporter, ThroughputMeter, Tracker, elapsed_before
 from fastgpt.ops import choose_ops, compile_model
-from fastgpt.optim import clip_and_step, get_lr, make_optimizer, set_lr
+from fastgpt.optim import clip_and_step, make_optimizer, set_lr
 from fastgpt.profiling import StepProfiler
 from fastgpt.stopping import LossWatch, StopSignal, StopVote
 from fastgpt.tokenizer import dataset_vocab_size
@@ -124,7 +124,8 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
 
     # ---------------------------------------------------------------- model, optimizer, resume
     model = init_from.build_model(init, op_choices, cfg.batch_size, cfg.block_size, cfg.tokens_per_iter, log).to(device)
-    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, op_choices.optimizer)
+    optimizer = make_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, op_choices.optimizer,
+                               muon=cfg.muon_settings())
     scaler = grad_scaler(device, dtype)
     iter_num, best_val_loss = init_from.restore_training_state(init, optimizer, scaler, streams, dist_info, cfg.seed, log)
     first_iter, resumed_from = iter_num, init.resumed_from
@@ -160,8 +161,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
                         saver.save(iter_num, best_val_loss)  # a collective: every rank calls it
         if iter_num >= cfg.max_iters or cfg.eval_only or prof.done or report.stop:  # report.stop: target_loss reached
             break
-        lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) if cfg.decay_lr else cfg.learning_rate
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr := cfg.lr_at(iter_num))  # warmup + decay (optim.get_lr), or learning_rate without decay_lr
         loss = train_step(model, optimizer, scaler, streams["train"], ctx, micro_steps, cfg, dist_info, watch, prof, meter,
                           iter_num, log)
         iter_num += 1

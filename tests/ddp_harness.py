@@ -4,6 +4,7 @@
 
 MODE count_allreduce: counts DDP's gradient all-reduces (a comm hook) and writes rank 0's count.
 MODE fail_rank1: rank 1 raises on its third training batch, as a crashing rank would.
+MODE save_weights: each rank saves its model's final state dict to OUT_FILE.rank<RANK>.
 """
 
 import os
@@ -44,6 +45,18 @@ def count_allreduce(out_file: pathlib.Path) -> None:
     sys.exit(code)
 
 
+def save_weights(out_file: pathlib.Path) -> None:
+    run = train.train
+
+    def run_and_save(cfg):
+        result = run(cfg)
+        torch.save(result.model.state_dict(), f"{out_file}.rank{os.environ['RANK']}")
+        return result
+
+    train.train = run_and_save
+    sys.exit(train.main(sys.argv[sys.argv.index("--") + 1 :]))
+
+
 def fail_rank1() -> None:
     if int(os.environ["RANK"]) == 1:
         batch = data.BatchStream.batch
@@ -60,4 +73,4 @@ def fail_rank1() -> None:
 if __name__ == "__main__":
     torch.manual_seed(0)
     mode, out = sys.argv[1], pathlib.Path(sys.argv[2])
-    count_allreduce(out) if mode == "count_allreduce" else fail_rank1()
+    {"count_allreduce": count_allreduce, "save_weights": save_weights}.get(mode, lambda _: fail_rank1())(out)
