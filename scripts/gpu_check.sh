@@ -5,13 +5,14 @@
 # lease runs them in two or three calls. Training runs are capped at 150 s or more. Each step has its own time cap: a step that hangs or
 # runs long costs only its own results.
 #
-#   bash scripts/gpu_check.sh [SECTION ...]    sections: tests bench stepbench e2e (default: all)
+#   bash scripts/gpu_check.sh [SECTION ...]    sections: tests bench stepbench e2e speedrun (default: all)
 #
 #   tests      the kernel tests compiled for the GPU and tests/test_cuda.py (CUDA-only branches)
 #   bench      the kernel benchmarks at GPT-2 124M shapes in bf16 (BENCH_FILES, default the
 #              cross-entropy, LayerNorm and AdamW files), merged into bench.json; the kernel
 #              targets read off them (scripts/bench_targets.py) into targets.txt
 #   stepbench  the train-step benchmark at GPT-2 124M, fastgpt against the reference compiled
+#   speedrun   configs/owt_speedrun.py's tokens/s against configs/owt.py's, 16 x 1024 x 4, compiled
 #   e2e        GPT-2 124M training end to end, most telling first: at 16 x 1024 x 4 micro-steps
 #              (A), 300 steps on real text of the all-torch step and of the fp8 head (speed and
 #              loss); the reference trainer (bench/reference_train.py, compiled with fused AdamW,
@@ -39,7 +40,7 @@ export PYTHONUNBUFFERED=1  # a step killed at its cap keeps what it printed
 unset TRITON_INTERPRET
 py=${PYTHON:-python3}  # GPU images name their torch-carrying interpreter python3
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tests bench stepbench e2e)
+[ ${#sections[@]} -eq 0 ] && sections=(tests bench stepbench e2e speedrun)
 status=0
 step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)" | tee -a "$log"; }
 # run CAP_SECONDS COMMAND...: run it under a cap, log all of it; a failure or timeout sets status.
@@ -107,7 +108,7 @@ if want bench || want stepbench; then
     | tee "$out/targets.txt" | tee -a "$log"
 fi
 
-if want e2e; then
+if want e2e || want speedrun; then
   step "synthetic GPT-2 token data"
   "$py" - <<'PY' 2>&1 | tee -a "$log"
 import pathlib, numpy as np
@@ -117,6 +118,32 @@ for split, n in (("train", 64 * 2**20), ("val", 2**20)):
     rng.integers(0, 50257, n, dtype=np.uint16).tofile(d / f"{split}.bin")
 print("wrote", d)
 PY
+fi
+if want speedrun; then
+  # configs/owt_speedrun.py against configs/owt.py at one shape, 40 steps each on random tokens
+  # (speed only): tokens/s over the logged windows after the first (compile), ratio printed.
+  for cfgname in owt owt_speedrun; do
+    step "speedrun throughput: configs/$cfgname.py, 16x1024 x4"
+    run 240 "$py" -m fastgpt.train configs/$cfgname.py --dataset=gpu_check --batch_size=16 \
+      --gradient_accumulation_steps=4 --max_iters=40 --warmup_iters=10 --lr_decay_iters=40 --eval_interval=1000 \
+      --eval_iters=2 --log_interval=5 --target_loss=0.0 --out_dir="$tmp/$cfgname"
+  done
+  step "speedrun throughput ratio"
+  "$py" - "$tmp" <<'PY' 2>&1 | tee -a "$log"
+import json, statistics, sys, pathlib
+rates = {}
+for name in ("owt", "owt_speedrun"):
+    path = pathlib.Path(sys.argv[1]) / name / "metrics.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    tps = [r["tokens_per_s"] for r in rows if r.get("kind") == "train"][1:]
+    rates[name] = statistics.median(tps) if tps else None
+    print(f"{name}: median {rates[name]} tok/s over {len(tps)} windows")
+if all(rates.values()):
+    print(f"speedrun/default tokens/s: {rates['owt_speedrun'] / rates['owt']:.3f} (target >= 0.95)")
+PY
+  rm -rf "${tmp:?}/owt" "${tmp:?}/owt_speedrun"
+fi
+if want e2e; then
   A=(--batch_size=16 --gradient_accumulation_steps=4)
   B=(--batch_size=64 --gradient_accumulation_steps=1)
   synthetic=(--dataset=gpu_check --max_iters=40 --warmup_iters=10 --lr_decay_iters=40 --eval_interval=40 --eval_iters=2)
