@@ -141,8 +141,6 @@ class TrainConfig:
                       "(Gemma 2; modded-nanogpt uses 15-30); the head then forms the full logits, as no fused "
                       "head + loss kernel applies the cap (head_loss_kernel='fp8' is refused); 0: off"),
     )
-    # --- AdamW
-    learning_rate: float = field(default=6e-4, metadata=_doc("peak learning rate"))
     # --- optimizer: AdamW (nanoGPT's); optimizer='muon' gives the blocks' matrices to Muon
     optimizer: str = field(
         default="adamw",
