@@ -251,11 +251,9 @@ class Reporter:
                  record: dict):
         """Opens cfg.out_dir/metrics.jsonl where `writes` (rank 0, not profiling) and writes its
         first record of this run (or of this resumed segment of it): the iteration it starts at and
-        the run record. A resumed run whose metrics.jsonl holds the event does not report it again."""
+        the run record."""
         self.log, self.tracker, self.metrics = log, tracker, MetricsLog(cfg.out_dir, writes)
         self.target_loss, self.stop_at_target, self.stop = cfg.target_loss, cfg.stop_at_target, False
-        self.target_reached = any(r.get("event") == "target_reached" and r["iter"] <= iter_num
-                                  for r in read_metrics(self.metrics.path)[0]) if self.metrics.path.exists() else False
         self.history: dict[str, list] = {"train": [], "eval": []}
         self.mfu: float | None = None
         self.metrics.write({"kind": "start", "iter": iter_num, "time": time.time(), "run": record})
@@ -275,9 +273,12 @@ class Reporter:
         if plot and self.metrics.file is not None:
             self.log(save_plot(self.metrics.path, self.metrics.path.with_name(LOSS_PLOT)))
 
-    def evaluation(self, iter_num: int, losses: dict[str, float], meter: ThroughputMeter, lr: float) -> None:
-        """An evaluation's losses, with the clocks as `meter` reads them; the first one at or below
-        target_loss also goes out as a 'target_reached' event (and sets `stop` if asked to)."""
+    def evaluation(self, iter_num: int, losses: dict[str, float], meter: ThroughputMeter, lr: float,
+                   best_val_loss: float) -> None:
+        """An evaluation's losses, with the clocks as `meter` reads them. The first one at or below
+        target_loss, the one that brings the best val loss so far (`best_val_loss`, a resume's
+        included) under it, also goes out as a 'target_reached' event and sets `stop` if asked to;
+        every rank decides alike, as the losses and the best are the same on all of them."""
         train_s, eval_s = meter.split_seconds()
         self.log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         self.history["eval"].append((iter_num, losses["train"], losses["val"]))
@@ -285,8 +286,7 @@ class Reporter:
                             "elapsed_s": train_s + eval_s, "eval_s": eval_s})
         self.tracker.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
                           "mfu": self.mfu}, iter_num)
-        if self.target_loss and not self.target_reached and losses["val"] <= self.target_loss:
-            self.target_reached = True
+        if self.target_loss and losses["val"] <= self.target_loss < best_val_loss:
             self.stop = self.stop_at_target
             tokens = iter_num * meter.tokens_per_iter
             self.log(f"target val loss {self.target_loss} reached at iteration {iter_num} ({tokens:,} tokens): "

@@ -154,7 +154,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
         if evaluation_due(iter_num, cfg) and not (resumed_from and iter_num == first_iter):  # evaluated before the save
             with meter.paused():  # keep evaluation out of the timings
                 losses = estimate_loss(model, streams, cfg.eval_iters, ctx, dist_info)
-                report.evaluation(iter_num, losses, meter, lr)
+                report.evaluation(iter_num, losses, meter, lr, best_val_loss)
                 if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                     best_val_loss = min(best_val_loss, losses["val"])
                     if iter_num > 0:
