@@ -34,9 +34,12 @@ from fastgpt.pretrained import GPT2_MODELS, PretrainedError, load_gpt2_state
 # which only a new model's first weights depend on.
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "gelu",
                 "activation", "rope", "qk_norm", "tie_embeddings", "logit_softcap")
-# Of those, the ones TrainConfig also has and takes over. Not vocab_size, whose None in the config
-# means "the dataset's, padded" and stays so; not gelu, which only a model's shape names.
-ADOPTED_CONFIG_FIELDS = tuple(k for k in SHAPE_FIELDS if k in TrainConfig.__dataclass_fields__ and k != "vocab_size")
+# The GPTConfig fields TrainConfig also has, from which a new model is built. Not vocab_size, whose
+# None in the config means "the dataset's, padded"; not gelu, which only a model's shape names.
+CONFIG_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig)
+                            if f.name in TrainConfig.__dataclass_fields__ and f.name != "vocab_size")
+# Of those, the shape fields: the config takes them over from the model a resume or GPT-2 builds.
+ADOPTED_CONFIG_FIELDS = tuple(k for k in CONFIG_MODEL_FIELDS if k in SHAPE_FIELDS)
 
 
 @dataclasses.dataclass
@@ -59,11 +62,8 @@ def resolve(cfg: TrainConfig, data_vocab: int, log=lambda line: None) -> Init:
 
 
 def _resolve(cfg: TrainConfig, data_vocab: int) -> Init:
-    wanted = GPTConfig(block_size=cfg.block_size, vocab_size=padded_vocab_size(data_vocab, cfg.vocab_multiple),
-                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                       activation=cfg.activation, rope=cfg.rope, qk_norm=cfg.qk_norm,
-                       tie_embeddings=cfg.tie_embeddings, zero_init_proj=cfg.zero_init_proj,
-                       logit_softcap=cfg.logit_softcap)
+    wanted = GPTConfig(vocab_size=padded_vocab_size(data_vocab, cfg.vocab_multiple),
+                       **{k: getattr(cfg, k) for k in CONFIG_MODEL_FIELDS})
     newest = ckpt_io.newest_checkpoint(cfg.out_dir)
     if cfg.init_from == "resume" or (cfg.init_from == "auto" and newest):
         path = newest or ckpt_io.checkpoint_path(cfg.out_dir)
