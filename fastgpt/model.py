@@ -90,10 +90,14 @@ class LayerNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embeddings (Su et al. 2021, RoFormer): the channel pairs (i, i + hs/2) of a
-    head turn by the angle t * ROPE_BASE^(-2i/hs) at position t, so q at s dotted with k at t
+    """Rotary position embeddings (Su et al. 2021, RoFormer): the adjacent channel pairs (2i, 2i+1)
+    of a head turn by the angle t * ROPE_BASE^(-2i/hs) at position t, so q at s dotted with k at t
     depends on s - t alone, and no vector changes length. cos and sin are buffers no checkpoint
-    holds."""
+    holds. Adjacent pairs (RoFormer's and Meta LLaMA's layout) rather than the halves (i, i + hs/2)
+    that modded-nanogpt and GPT-NeoX rotate: a pair is then one complex number, and the turn one
+    complex multiply forward and back, where the halves take six elementwise ops and a cat. Inductor
+    runs complex ops unfused through aten, so a compiled model turns the same pairs with real
+    arithmetic, which it fuses into one kernel."""
 
     def __init__(self, head_size: int, block_size: int):
         super().__init__()
@@ -109,8 +113,21 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, nh, T, hs), rotated in fp32 and returned in its own dtype."""
         cos, sin = self.cos[: x.size(-2)], self.sin[: x.size(-2)]  # (T, hs/2)
-        x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+        turn = rotate_pairs_real if torch.compiler.is_compiling() else rotate_pairs_complex
+        return turn(x.float(), cos, sin).type_as(x)
+
+
+def rotate_pairs_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., T, hs) fp32 with each pair (2i, 2i+1) turned by (cos, sin)[t, i], as complex numbers."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (..., T, hs/2)
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
+
+
+def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rotate_pairs_complex's turn written out in real arithmetic, for inductor to fuse."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., T, hs/2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
 
 
 def rms_norm_heads(x: torch.Tensor) -> torch.Tensor:

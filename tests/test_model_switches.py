@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastgpt import checkpoint as ckpt_io
 from fastgpt import export, init_from, model as model_module, sample
 from fastgpt.config import ConfigError, TrainConfig, help_text
-from fastgpt.model import GPT, MLP, GPTConfig, Rotary
+from fastgpt.model import GPT, MLP, ROPE_BASE, GPTConfig, Rotary, rotate_pairs_complex, rotate_pairs_real
 from fastgpt.train import train
 
 from conftest import tiny_config
@@ -53,6 +53,31 @@ def test_rope_keeps_every_norm_and_the_dtype():
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     assert not torch.allclose(y, x)
     assert Rotary(8, 16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_rope_turns_adjacent_pairs_by_position_times_frequency():
+    """Pair 0 turns by t radians at position t (frequency 1); pair i by t * base^(-2i/hs)."""
+    x = torch.zeros(1, 1, 3, 8)
+    x[..., 0], x[..., 6] = 1.0, 1.0  # pair 0 and pair 3 point along their real axis
+    y = Rotary(head_size=8, block_size=3)(x)[0, 0]  # (T, hs)
+    for t in range(3):
+        slow = t * ROPE_BASE ** (-6 / 8)
+        want = torch.tensor([math.cos(t), math.sin(t), 0, 0, 0, 0, math.cos(slow), math.sin(slow)])
+        torch.testing.assert_close(y[t], want)
+
+
+def test_rope_compiled_form_equals_the_complex_one(monkeypatch):
+    """A compiled model turns the pairs in real arithmetic (inductor leaves complex ops unfused):
+    the same numbers, fed the awkward strides attention gives it (q sliced out of qkv)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 24, 3 * 3 * 8)  # (B, T, 3C) with nh=3, hs=8
+    q = qkv[..., :24].view(2, 24, 3, 8).transpose(1, 2)  # (B, nh, T, hs), not contiguous
+    rotary = Rotary(head_size=8, block_size=24)
+    eager = rotary(q)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(rotary(q), eager, rtol=0, atol=1e-6)
+    cos, sin = rotary.cos, rotary.sin
+    torch.testing.assert_close(rotate_pairs_real(q, cos, sin), rotate_pairs_complex(q, cos, sin), rtol=0, atol=1e-6)
 
 
 def test_rope_model_has_no_position_table_and_counts_right():
