@@ -109,7 +109,9 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     ctx = autocast(device, dtype)
     tracker = Tracker(cfg.wandb_log and dist_info.is_master, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
     if dist_info.is_master:
-        outdir.prepare(cfg.out_dir)  # before the data and the model, so a bad out_dir fails in seconds
+        # Before the data and the model, so a bad or busy out_dir fails in seconds; under torchrun,
+        # rank 0 exiting with the error ends the other ranks, as any start-up error does.
+        cleanup.callback(outdir.prepare(cfg.out_dir).release)
     record = outdir.run_record(cfg.to_dict(), device, dist_info.world_size, host_summary())
     log_setup(log, record, dtype, op_choices.ops.name)
 
