@@ -30,7 +30,7 @@ import torch
 
 from fastgpt import distributed
 from fastgpt.errors import FastgptError
-from fastgpt.fileio import atomic_writer, fsync_dir
+from fastgpt.fileio import atomic_writer, fsync_dir, write_error
 from fastgpt.optim import optimizer_kind
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -39,6 +39,8 @@ NUMBERED = re.compile(r"ckpt-(\d+)\.pt")
 # The layout version this code writes and reads. Bump it when a key changes meaning, so that an
 # older fastgpt refuses a newer file by name instead of misreading it.
 FORMAT_VERSION = 1
+# What to do when a checkpoint cannot be written (fileio.WriteError).
+OUT_DIR_HINT = "free some space there or set --out_dir to a folder on another disk"
 # nanoGPT saved the compiled module's state dict, whose keys carry this prefix.
 COMPILED_PREFIX = "_orig_mod."
 # nanoGPT without flash attention registered its causal mask as a buffer named `attn.bias`.
@@ -55,7 +57,7 @@ def checkpoint_path(out_dir: str | os.PathLike) -> pathlib.Path:
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
-    with atomic_writer(path, "wb") as f:
+    with atomic_writer(path, "wb", f"{OUT_DIR_HINT}; the previous checkpoint is intact") as f:
         torch.save(checkpoint, f)
 
 
@@ -79,10 +81,14 @@ def write_checkpoint(out_dir: str | os.PathLike, checkpoint: dict, keep: int) ->
         tmp = numbered.with_name(f".{numbered.name}.link")
         tmp.unlink(missing_ok=True)
         try:
-            os.link(path, tmp)
-        except OSError:  # a filesystem without hard links: pay for a copy
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, numbered)
+            try:
+                os.link(path, tmp)
+            except OSError:  # a filesystem without hard links: pay for a copy
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, numbered)
+        except OSError as e:  # ckpt.pt is complete; only its numbered copy failed
+            tmp.unlink(missing_ok=True)
+            raise write_error(numbered, e, f"{OUT_DIR_HINT}; {path.name} was saved") from e
         for _, old in numbered_checkpoints(out_dir)[:-keep]:
             old.unlink()
         fsync_dir(path.parent)

@@ -23,7 +23,7 @@ import time
 import torch
 
 from fastgpt.fileio import atomic_writer
-from fastgpt.checkpoint import checkpoint_path, numbered_checkpoints, remove_stale_temporaries
+from fastgpt.checkpoint import OUT_DIR_HINT, checkpoint_path, numbered_checkpoints, remove_stale_temporaries
 from fastgpt.errors import FastgptError
 from fastgpt.metrics import metrics_path
 
@@ -183,7 +183,7 @@ def claim(out_dir: str | os.PathLike, record: dict, fresh: bool, num_params: int
         previous = [checkpoint_path(folder), *(p for _, p in numbered_checkpoints(folder)), metrics_path(folder),
                     folder / RECORD_NAME]
         moved = set_aside(previous)
-    with atomic_writer(folder / RECORD_NAME, "w") as f:
+    with atomic_writer(folder / RECORD_NAME, "w", OUT_DIR_HINT) as f:
         json.dump(record, f, indent=2)
         f.write("\n")
     for path, new_name in moved:
