@@ -9,7 +9,9 @@ A checkpoint is one `torch.save`d dict with nanoGPT's keys, so either project re
   config         the run's TrainConfig as a plain dict
 and fastgpt's additions: `format` (FORMAT_VERSION; nanoGPT's have none), `rng` (torch CPU/CUDA
 generator states), `data` (the batch streams' positions) and `scaler` (the fp16 GradScaler) for
-an exact resume, and `run` (the run record: versions, device, git commit).
+an exact resume, `run` (the run record: versions, device, git commit), and `data_identity`
+({split: {"bytes", "sha256"}} of the token files trained on; tokenfiles.data_identity), which a
+resume compares with the data it finds.
 
 A run folder holds ckpt.pt, always the newest checkpoint (the file nanoGPT's tools read), and,
 when more than one is kept, ckpt-ITER.pt for each of the newest `keep` checkpoints; the newest of
@@ -202,6 +204,7 @@ class TrainingState:
     model_args: dict  # GPTConfig.to_model_args(): the shape the weights belong to
     config: dict  # the run's TrainConfig as plain data
     run: dict  # the run record (plain data)
+    data_identity: dict = dataclasses.field(default_factory=dict)  # tokenfiles.data_identity() of the data trained on
 
     def checkpoint(self, iter_num: int, best_val_loss: float, rng: list[dict]) -> dict:
         """The file's contents; `rng` holds each rank's rng_state(), in rank order."""
@@ -217,6 +220,7 @@ class TrainingState:
             "data": {name: s.state_dict() for name, s in self.streams.items()},
             "rng": rng,
             "run": self.run,
+            "data_identity": self.data_identity,
         }
 
 
