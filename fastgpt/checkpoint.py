@@ -9,7 +9,9 @@ A checkpoint is one `torch.save`d dict with nanoGPT's keys, so either project re
   config         the run's TrainConfig as a plain dict
 and fastgpt's additions: `format` (FORMAT_VERSION; nanoGPT's have none), `rng` (torch CPU/CUDA
 generator states), `data` (the batch streams' positions) and `scaler` (the fp16 GradScaler) for
-an exact resume, and `run` (the run record: versions, device, git commit).
+an exact resume, `run` (the run record: versions, device, git commit), and `data_identity`
+({split: {"bytes", "sha256"}} of the token files trained on; tokenfiles.data_identity), which a
+resume compares with the data it finds.
 
 A run folder holds ckpt.pt, always the newest checkpoint (the file nanoGPT's tools read), and,
 when more than one is kept, ckpt-ITER.pt for each of the newest `keep` checkpoints; the newest of
@@ -30,7 +32,7 @@ import torch
 
 from fastgpt import distributed
 from fastgpt.errors import FastgptError
-from fastgpt.fileio import atomic_writer, fsync_dir
+from fastgpt.fileio import atomic_writer, fsync_dir, write_error
 from fastgpt.optim import optimizer_kind
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -39,6 +41,8 @@ NUMBERED = re.compile(r"ckpt-(\d+)\.pt")
 # The layout version this code writes and reads. Bump it when a key changes meaning, so that an
 # older fastgpt refuses a newer file by name instead of misreading it.
 FORMAT_VERSION = 1
+# What to do when a checkpoint cannot be written (fileio.WriteError).
+OUT_DIR_HINT = "free some space there or set --out_dir to a folder on another disk"
 # nanoGPT saved the compiled module's state dict, whose keys carry this prefix.
 COMPILED_PREFIX = "_orig_mod."
 # nanoGPT without flash attention registered its causal mask as a buffer named `attn.bias`.
@@ -55,7 +59,7 @@ def checkpoint_path(out_dir: str | os.PathLike) -> pathlib.Path:
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
-    with atomic_writer(path, "wb") as f:
+    with atomic_writer(path, "wb", f"{OUT_DIR_HINT}; the previous checkpoint is intact") as f:
         torch.save(checkpoint, f)
 
 
@@ -79,10 +83,14 @@ def write_checkpoint(out_dir: str | os.PathLike, checkpoint: dict, keep: int) ->
         tmp = numbered.with_name(f".{numbered.name}.link")
         tmp.unlink(missing_ok=True)
         try:
-            os.link(path, tmp)
-        except OSError:  # a filesystem without hard links: pay for a copy
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, numbered)
+            try:
+                os.link(path, tmp)
+            except OSError:  # a filesystem without hard links: pay for a copy
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, numbered)
+        except OSError as e:  # ckpt.pt is complete; only its numbered copy failed
+            tmp.unlink(missing_ok=True)
+            raise write_error(numbered, e, f"{OUT_DIR_HINT}; {path.name} was saved") from e
         for _, old in numbered_checkpoints(out_dir)[:-keep]:
             old.unlink()
         fsync_dir(path.parent)
@@ -196,6 +204,7 @@ class TrainingState:
     model_args: dict  # GPTConfig.to_model_args(): the shape the weights belong to
     config: dict  # the run's TrainConfig as plain data
     run: dict  # the run record (plain data)
+    data_identity: dict = dataclasses.field(default_factory=dict)  # tokenfiles.data_identity() of the data trained on
 
     def checkpoint(self, iter_num: int, best_val_loss: float, rng: list[dict]) -> dict:
         """The file's contents; `rng` holds each rank's rng_state(), in rank order."""
@@ -211,6 +220,7 @@ class TrainingState:
             "data": {name: s.state_dict() for name, s in self.streams.items()},
             "rng": rng,
             "run": self.run,
+            "data_identity": self.data_identity,
         }
 
 

@@ -54,6 +54,11 @@ class TrainConfig:
     always_save_checkpoint: bool = field(
         default=True, metadata=_doc("save at every evaluation, not only when val loss improves")
     )
+    allow_data_change: bool = field(
+        default=False,
+        metadata=_doc("resume even when train.bin or val.bin differ from the data the checkpoint was trained on "
+                      "(its size and sha256, kept in the checkpoint); for data changed on purpose"),
+    )
     init_from: str = field(
         default="scratch",
         metadata=_doc(

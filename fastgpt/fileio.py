@@ -12,8 +12,11 @@ import errno
 import hashlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import IO, Iterator
+
+from fastgpt.errors import FastgptError
 
 # Environment variable that overrides the cache location (e.g. a shared disk on a cluster).
 CACHE_DIR_ENV = "FASTGPT_CACHE_DIR"
@@ -24,6 +27,34 @@ DEFAULT_XDG_CACHE = Path("~/.cache")
 HASH_BLOCK_BYTES = 1 << 20
 # Permissions requested for new files before the umask applies (the usual rw-rw-rw-).
 TEMP_FILE_MODE = 0o666
+# torch.save reports a failed write (disk full, file too large) as a RuntimeError from its zip
+# writer, e.g. "[enforce fail at inline_container.cc:672] . unexpected pos ...", not an OSError.
+TORCH_WRITER_MARKERS = ("inline_container", "file write failed")
+DEFAULT_WRITE_HINT = "free some space there or write to another disk"
+
+
+class WriteError(FastgptError, OSError):
+    """A file could not be written (disk full, over a size limit, an I/O error); the message names
+    the file, the free space and what to do. Also an OSError, which it is in all but name."""
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether an exception raised while writing a file means the write itself failed."""
+    if isinstance(error, OSError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in TORCH_WRITER_MARKERS)
+
+
+def write_error(path: str | os.PathLike, error: BaseException, hint: str = DEFAULT_WRITE_HINT) -> WriteError:
+    """One line for a failed write of `path`: the file, the cause, the free bytes on its filesystem
+    and `hint`, what to do."""
+    path = Path(path)
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0].strip()
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return WriteError(f"cannot write {path} ({cause}; {free}); {hint}")
 
 
 def cache_dir() -> Path:
@@ -42,14 +73,15 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_writer(path: str | os.PathLike, mode: str = "wb", hint: str = DEFAULT_WRITE_HINT) -> Iterator[IO]:
     """Open a temporary file next to `path`; on clean exit make it `path` in one step.
 
     The temporary file lives in the same folder so that `os.replace` is a rename within one
     filesystem, which POSIX guarantees atomic. The data is fsynced before the rename (without
     that, a power loss can leave the new name pointing at an empty file) and the folder after
     it (without that, the rename itself may not survive one). On an exception the
-    temporary file is removed and `path` is left untouched.
+    temporary file is removed and `path` is left untouched; a failed write (disk full, ...) is
+    raised as a WriteError naming `path` and saying `hint`, what to do.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,9 +96,11 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if is_write_failure(e) and not isinstance(e, WriteError):
+            raise write_error(path, e, hint) from e
         raise
 
 

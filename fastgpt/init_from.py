@@ -12,7 +12,8 @@ A resume, in the order train.py runs it:
 3. the optimizer and scaler states, the data streams' positions and each rank's RNG
    (`restore_training_state`), so the losses continue exactly as if the run had not stopped.
 Only what cannot be reconciled is refused: a dataset with more token ids than the weights'
-vocabulary. What a checkpoint holds is written in fastgpt/checkpoint.py.
+vocabulary, and (unless allow_data_change) token files other than the ones the checkpoint was
+trained on. What a checkpoint holds is written in fastgpt/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ class Init:
     resumed_from: pathlib.Path | None = None  # the checkpoint a resume continues
 
 
-def resolve(cfg: TrainConfig, data_vocab: int, log=lambda line: None) -> Init:
-    """Read what cfg.init_from names (every rank reads the same files); log each shape field taken."""
+def resolve(cfg: TrainConfig, data_vocab: int, data_identity: dict, log=lambda line: None) -> Init:
+    """Read what cfg.init_from names (every rank reads the same files); log each shape field taken.
+    A resume that trains checks the data against the checkpoint's (tokenfiles.data_identity)."""
     init = _resolve(cfg, data_vocab)
+    if init.checkpoint is not None and not cfg.eval_only:
+        check_data_identity(init.checkpoint.get("data_identity"), data_identity, init.source, cfg.allow_data_change, log)
     if init.taken:
         where = init.resumed_from.name if init.resumed_from else init.source
         log(f"took the model's shape from {where}: {', '.join(init.taken)}")
@@ -78,6 +82,29 @@ def _resolve(cfg: TrainConfig, data_vocab: int) -> Init:
                                   f"{data_vocab}; finetune it on GPT-2 BPE data (python -m fastgpt.prepare shakespeare)")
         return Init(model_args, weights, None, cfg.init_from, _differences(model_args, wanted))
     return Init(wanted, None, None, "scratch", [])
+
+
+def check_data_identity(saved, current: dict, path, allow_change: bool, log=lambda line: None) -> None:
+    """Refuse, naming the first split that differs and how, a resume on other token files than
+    the checkpoint's; with allow_change, log it and go on. A checkpoint without the record (older
+    fastgpt, nanoGPT) resumes as before."""
+    if not isinstance(saved, dict) or not saved:
+        return
+    for split, now in current.items():
+        was = saved.get(split)
+        if not isinstance(was, dict) or was == now:
+            continue
+        if was.get("bytes") != now["bytes"]:
+            change = f"{was.get('bytes')} bytes then, {now['bytes']} now"
+        else:
+            change = f"same size, other content (sha256 {str(was.get('sha256'))[:12]}... then, {now['sha256'][:12]}... now)"
+        if allow_change:
+            log(f"{split} data changed since {path} was saved ({change}); continuing (allow_data_change=True)")
+            continue
+        raise ckpt_io.CheckpointError(
+            f"{path} was trained on another {split} split: {change}; resume on the data it was trained on, set "
+            "--allow_data_change=True to continue on these, or start a new run in another --out_dir"
+        )
 
 
 def adopt_model_args(saved: dict, wanted: GPTConfig, data_vocab: int, path) -> tuple[GPTConfig, list[str]]:

@@ -23,8 +23,10 @@ from typing import Callable
 
 import torch
 
+from fastgpt.checkpoint import OUT_DIR_HINT
 from fastgpt.config import ConfigError, TrainConfig
 from fastgpt.errors import FastgptError
+from fastgpt.fileio import write_error
 from fastgpt.hardware import describe_memory, peak_memory
 
 METRICS_FILE = "metrics.jsonl"
@@ -151,26 +153,38 @@ class MetricsLog:
     """Appends records to out_dir/metrics.jsonl, one JSON object a line, each flushed as it is
     written so a crash keeps every line before it. A resume appends to the same file. Non-finite
     numbers (a diverged loss) are written as null, so every line is strict JSON. A no-op when
-    disabled (ranks other than 0)."""
+    disabled (ranks other than 0). A failed write (disk full) is a fileio.WriteError naming the file."""
 
     def __init__(self, out_dir: str | os.PathLike, enabled: bool = True):
         self.path = metrics_path(out_dir)
         self.file = None
         if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a", encoding="utf-8")
-            if _ends_mid_line(self.path):
-                self.file.write("\n")  # a line cut off by a crash: the next record starts a line of its own
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a", encoding="utf-8")
+                if _ends_mid_line(self.path):
+                    self._append("\n")  # a line cut off by a crash: the next record starts a line of its own
+            except OSError as e:
+                raise write_error(self.path, e, OUT_DIR_HINT) from e
 
     def write(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+            self._append(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+
+    def _append(self, text: str) -> None:
+        try:
+            self.file.write(text)
             self.file.flush()
+        except OSError as e:
+            raise write_error(self.path, e, OUT_DIR_HINT) from e
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
-            self.file = None
+            file, self.file = self.file, None
+            try:
+                file.close()  # flushes what a failed write left buffered: may fail again
+            except OSError as e:
+                raise write_error(self.path, e, OUT_DIR_HINT) from e
 
     def __enter__(self) -> "MetricsLog":
         return self

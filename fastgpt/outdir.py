@@ -5,14 +5,17 @@ run's predecessor set aside rather than overwritten.
     out_dir/ckpt-ITER.pt     older checkpoints kept (keep_checkpoints)
     out_dir/metrics.jsonl    every log line and evaluation (fastgpt.metrics)
     out_dir/run.json         this run's record: config, versions, device, git commit
+    out_dir/.lock            held (fcntl.flock) by the run that owns the folder; holds its pid and host
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,12 +23,13 @@ import time
 import torch
 
 from fastgpt.fileio import atomic_writer
-from fastgpt.checkpoint import checkpoint_path, numbered_checkpoints, remove_stale_temporaries
+from fastgpt.checkpoint import OUT_DIR_HINT, checkpoint_path, numbered_checkpoints, remove_stale_temporaries
 from fastgpt.errors import FastgptError
 from fastgpt.metrics import metrics_path
 
 RECORD_NAME = "run.json"
 WRITE_TEST_NAME = ".write-test"
+LOCK_NAME = ".lock"
 # Where to ask git for the commit: the folder this package was imported from.
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 GIT_TIMEOUT_S = 5
@@ -37,11 +41,58 @@ class RunDirError(FastgptError):
     """out_dir cannot hold this run; one line for the user."""
 
 
-def prepare(out_dir: str | os.PathLike) -> None:
+def prepare(out_dir: str | os.PathLike) -> "RunLock":
     """Before the data and the model are loaded, so a bad out_dir fails in seconds: check that it
-    can be written, and remove the temporaries of a save that a kill cut short."""
+    can be written, take its lock (the caller releases it), and remove the temporaries of a save
+    that a kill cut short."""
     check_writable(out_dir)
+    run_lock = RunLock.take(out_dir)
     remove_stale_temporaries(out_dir)
+    return run_lock
+
+
+class RunLock:
+    """One run per out_dir: an exclusive fcntl.flock on out_dir/.lock, held while the file stays
+    open. The kernel drops a flock when its holder exits, however it exits (SIGKILL, OOM kill), so
+    a lock left by a dead run is simply taken again: the file's pid and host only tell a second
+    run whom it is waiting for. (On NFS a flock is only as good as the server's lock manager.)"""
+
+    def __init__(self, path: pathlib.Path, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def take(cls, out_dir: str | os.PathLike) -> "RunLock":
+        path = pathlib.Path(out_dir) / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirError(
+                f"out_dir={str(out_dir)!r} is in use by another run (pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')}, per {path}); wait for it to end, stop it, or choose another --out_dir"
+            ) from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Idempotent; the file stays (removing it would let a third run lock a new file while a
+        second still waits on the old one)."""
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict:
+    """The pid and host a lock file names; {} while its holder has not written them yet."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def check_writable(out_dir: str | os.PathLike) -> None:
@@ -132,7 +183,7 @@ def claim(out_dir: str | os.PathLike, record: dict, fresh: bool, num_params: int
         previous = [checkpoint_path(folder), *(p for _, p in numbered_checkpoints(folder)), metrics_path(folder),
                     folder / RECORD_NAME]
         moved = set_aside(previous)
-    with atomic_writer(folder / RECORD_NAME, "w") as f:
+    with atomic_writer(folder / RECORD_NAME, "w", OUT_DIR_HINT) as f:
         json.dump(record, f, indent=2)
         f.write("\n")
     for path, new_name in moved:

@@ -37,6 +37,7 @@ from fastgpt.ops import choose_ops, compile_model
 from fastgpt.optim import clip_and_step, make_optimizer, set_lr
 from fastgpt.profiling import StepProfiler
 from fastgpt.stopping import LossWatch, StopSignal, StopVote
+from fastgpt.tokenfiles import data_identity
 from fastgpt.tokenizer import dataset_vocab_size
 
 # The default recipe ships in the repository's configs/; from an installed copy without it, the
@@ -109,15 +110,19 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     ctx = autocast(device, dtype)
     tracker = Tracker(cfg.wandb_log and dist_info.is_master, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
     if dist_info.is_master:
-        outdir.prepare(cfg.out_dir)  # before the data and the model, so a bad out_dir fails in seconds
+        # Before the data and the model, so a bad or busy out_dir fails in seconds; under torchrun,
+        # rank 0 exiting with the error ends the other ranks, as any start-up error does.
+        cleanup.callback(outdir.prepare(cfg.out_dir).release)
     record = outdir.run_record(cfg.to_dict(), device, dist_info.world_size, host_summary())
     log_setup(log, record, dtype, op_choices.ops.name)
 
     # ---------------------------------------------------------------- data, and where the model comes from
     data_dir = pathlib.Path(cfg.data_root) / cfg.dataset
-    distributed.rank_zero_first(dist_info, lambda: ensure_dataset(cfg.dataset, data_dir))
+    # Rank 0 prepares the data and hashes it once if no prepare did (cached beside it), then the others read.
+    distributed.rank_zero_first(dist_info, lambda: (ensure_dataset(cfg.dataset, data_dir), data_identity(data_dir)))
+    identity = data_identity(data_dir)
     vocab_size = cfg.vocab_size or dataset_vocab_size(data_dir)
-    init = init_from.resolve(cfg, vocab_size, log)  # a new model, a checkpoint or GPT-2: its shape wins
+    init = init_from.resolve(cfg, vocab_size, identity, log)  # a new model, a checkpoint or GPT-2: its shape wins
     cfg = init_from.adopt_shape(cfg, init.model_args)
     streams = open_streams(data_dir, vocab_size, cfg.batch_size, cfg.block_size, cfg.seed, dist_info, device)
     cleanup.callback(lambda: [stream.close() for stream in streams.values()])
@@ -132,7 +137,8 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     if dist_info.is_master and not (cfg.eval_only or cfg.profile):  # only a run that trains writes to out_dir
         outdir.claim(cfg.out_dir, record, resumed_from is None, model.num_params(non_embedding=False), log)
     watch = LossWatch(device, enabled=cfg.on_nonfinite_loss == "stop")
-    state = ckpt_io.TrainingState(model, optimizer, scaler, streams, init.model_args.to_model_args(), cfg.to_dict(), record)
+    state = ckpt_io.TrainingState(model, optimizer, scaler, streams, init.model_args.to_model_args(), cfg.to_dict(), record,
+                                  identity)
     saver = ckpt_io.Saver(cfg.out_dir, cfg.keep_checkpoints, state, dist_info, watch, log, resumed_from, enabled=not cfg.profile)
 
     # ---------------------------------------------------------------- compile, DDP

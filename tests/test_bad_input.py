@@ -25,6 +25,7 @@ import torch
 
 from fastgpt import prepare, sample, train
 from fastgpt.config import ConfigError
+from fastgpt.outdir import LOCK_NAME
 
 from conftest import cli_args, tiny_config, write_char_dataset
 
@@ -346,8 +347,9 @@ def make_case_folder(root: pathlib.Path, good_out: pathlib.Path) -> None:
 
 
 def file_hashes(root: pathlib.Path) -> dict[str, str]:
+    """Every file's hash but the run lock's, which names whichever process took it last."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
 
 
 def fill(args: list[str], root: pathlib.Path) -> list[str]:

@@ -22,7 +22,7 @@ import numpy as np
 from fastgpt import fileio
 from fastgpt.corpora.encode import encode_gpt2_batch, resolve_threads
 from fastgpt.errors import DataError, FetchError, MissingPackageError
-from fastgpt.tokenfiles import BIN_SUFFIX, DEFAULT_DATA_ROOT, TOKEN_DTYPE, check_out_dir, remove_stale_meta
+from fastgpt.tokenfiles import BIN_SUFFIX, DEFAULT_DATA_ROOT, TOKEN_DTYPE, check_out_dir, remove_stale_meta, write_identity
 
 # OpenWebText, by nanoGPT's recipe (data/openwebtext/prepare.py). The Hub serves the dataset
 # under this short name as well as its owner's `Skylion007/openwebtext`.
@@ -227,6 +227,7 @@ def prepare_openwebtext(
     sizes = ", ".join(f"{name} {len(source):,}" for name, source in splits.items())
     print(f"{OPENWEBTEXT}: documents {sizes}; encoding on {num_proc} threads", flush=True)
     counts = write_document_splits(splits, out, num_proc, docs_per_shard)
+    write_identity(out)
     totals = ", ".join(f"{name}: {count.tokens:,} tokens" for name, count in counts.items())
     print(f"{OPENWEBTEXT}: {totals} -> {out}")
     return out

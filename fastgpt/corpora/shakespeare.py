@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastgpt import pypi
 from fastgpt.errors import FetchError
-from fastgpt.tokenfiles import TRAIN_FILENAME, VAL_FILENAME, remove_stale_meta, write_meta, write_tokens
+from fastgpt.tokenfiles import remove_stale_meta, write_meta, write_splits
 from fastgpt.tokenizer import CharTokenizer, get_gpt2_encoding
 
 # nanoGPT's built-in split: the first 90% of the characters train, the last 10% validate.
@@ -59,8 +59,7 @@ def prepare_shakespeare_char(out_dir: Path) -> None:
     train_text, val_text = _builtin_split(text)
     print(f"shakespeare_char: {len(text):,} characters, vocabulary of {tokenizer.vocab_size}")
     write_meta(out_dir, tokenizer)
-    write_tokens(out_dir / TRAIN_FILENAME, tokenizer.encode(train_text))
-    write_tokens(out_dir / VAL_FILENAME, tokenizer.encode(val_text))
+    write_splits(out_dir, tokenizer.encode(train_text), tokenizer.encode(val_text))
     print(f"train: {len(train_text):,} tokens, val: {len(val_text):,} tokens -> {out_dir}")
 
 
@@ -72,8 +71,7 @@ def prepare_shakespeare(out_dir: Path) -> None:
     train_ids = encoding.encode_ordinary(train_text)
     val_ids = encoding.encode_ordinary(val_text)
     print(f"shakespeare: {len(text):,} characters, GPT-2 BPE")
-    write_tokens(out_dir / TRAIN_FILENAME, train_ids)
-    write_tokens(out_dir / VAL_FILENAME, val_ids)
+    write_splits(out_dir, train_ids, val_ids)
     remove_stale_meta(out_dir)
     print(f"train: {len(train_ids):,} tokens, val: {len(val_ids):,} tokens -> {out_dir}")
 

@@ -19,7 +19,8 @@ import numpy as np
 from fastgpt import fileio
 from fastgpt.corpora.encode import encode_gpt2_batch, resolve_threads
 from fastgpt.errors import DataError
-from fastgpt.tokenfiles import TOKEN_DTYPE, TRAIN_FILENAME, VAL_FILENAME, check_out_dir, remove_stale_meta
+from fastgpt.tokenfiles import (TOKEN_DTYPE, TRAIN_FILENAME, VAL_FILENAME, check_out_dir, remove_stale_meta,
+                                write_identity)
 
 # Custom corpora are read and encoded in pieces of about this many characters, and each piece
 # goes whole to train or val. 64 Ki characters (~16k tokens, far longer than a training
@@ -182,6 +183,7 @@ def prepare_text(
                 f"{val_fraction}); give more text, another --val-fraction, or a smaller --piece-chars"
             )
     remove_stale_meta(out)
+    write_identity(out)
     print(
         f"text: {len(paths)} documents, {n_pieces} pieces; train: {counts['train']:,} tokens, "
         f"val: {counts['val']:,} tokens -> {out}"
