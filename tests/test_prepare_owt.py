@@ -133,7 +133,7 @@ def test_owt_round_trips_documents(tmp_path, monkeypatch, fake_datasets, encodin
     (tmp_path / "data" / "openwebtext" / "meta.pkl").write_bytes(b"left by a character-level run")
     out = owt.prepare_openwebtext(num_proc=2, val_fraction=VAL_FRACTION, docs_per_shard=DOCS_PER_SHARD)
     assert out == Path("data") / "openwebtext"
-    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin"]  # no meta.pkl, no temp files
+    assert sorted(p.name for p in out.iterdir()) == ["identity.json", "train.bin", "val.bin"]  # no meta.pkl, no temp files
 
     docs = make_documents()
     train_docs, val_docs = expected_splits(docs)

@@ -31,3 +31,16 @@ def test_every_speedrun_switch_is_on_and_off_by_default():
     for field in ("optimizer", "activation", "rope", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap",
                   "lr_schedule"):
         assert getattr(speedrun, field) != getattr(default, field), field
+
+
+def test_shakespeare_speedrun_changes_only_its_switches_and_schedule():
+    """The CPU recipe keeps shakespeare_char.py's data, batch and width; the rest its header lists."""
+    base = load_config(str(CONFIGS / "shakespeare_char.py"), []).to_dict()
+    speedrun = load_config(str(CONFIGS / "shakespeare_char_speedrun.py"), []).to_dict()
+    differs = {k for k in base if base[k] != speedrun[k]}
+    listed = {"optimizer", "activation", "rope", "qk_norm", "tie_embeddings", "zero_init_proj", "lr_schedule"}
+    schedule = {"out_dir", "eval_interval", "log_interval", "target_loss", "max_iters", "lr_decay_iters",
+                "decay_fraction", "warmup_iters", "min_lr", "dtype"}
+    assert listed <= differs <= listed | schedule
+    header = (CONFIGS / "shakespeare_char_speedrun.py").read_text().split("\n\n")[0]
+    assert all(field in header for field in listed)
