@@ -26,11 +26,13 @@ import pathlib
 import pickle
 import re
 import shutil
+import time
 
 import numpy as np
 import torch
 
 from fastgpt import distributed
+from fastgpt.background_save import BackgroundWriter, HostSnapshot
 from fastgpt.errors import FastgptError
 from fastgpt.fileio import atomic_writer, fsync_dir, write_error
 from fastgpt.optim import optimizer_kind
@@ -226,26 +228,76 @@ class TrainingState:
 
 class Saver:
     """Saves the training state as out_dir's newest checkpoint: a collective (every rank calls
-    save, rank 0 writes and logs; every rank or none is disabled). `watch` (a stopping.LossWatch) refuses to save a state that a
-    NaN or inf loss has poisoned; `last_good` is the newest checkpoint known good: the one a resume
-    started from until this run saves one."""
+    save, rank 0 writes and logs; every rank or none is disabled). `watch` (a stopping.LossWatch)
+    refuses to save a state that a NaN or inf loss has poisoned; `last_good` is the newest
+    checkpoint known complete and good: the one a resume started from until this run saves one.
+
+    In the background (the default), save() returns once the state is copied to host memory and a
+    worker thread writes the file as write_checkpoint always does; the next save, and leaving the
+    Saver's `with` block, wait for that write and raise its error. Leaving on an error waits too,
+    and logs a failed write rather than hiding the error that ended the run."""
 
     def __init__(self, out_dir, keep: int, state: TrainingState, dist_info, watch, log, last_good: pathlib.Path | None,
-                 enabled: bool = True):
+                 enabled: bool = True, background: bool = True):
         self.out_dir, self.keep, self.state, self.dist_info, self.watch, self.log = out_dir, keep, state, dist_info, watch, log
-        self.last_good, self.enabled = last_good, enabled
+        self._last_good, self.enabled = last_good, enabled
+        writes = enabled and background and dist_info.is_master
+        self._writer = BackgroundWriter("checkpoint-writer") if writes else None
+        self._snapshot = HostSnapshot()
+
+    @property
+    def last_good(self) -> pathlib.Path | None:
+        """Takes in a background write once it has finished well; never waits for one."""
+        if self._writer is not None and self._writer.succeeded():
+            self.wait()
+        return self._last_good
 
     def save(self, iter_num: int, best_val_loss: float) -> pathlib.Path | None:
-        """The path written (on rank 0; None on the others, and when disabled: a profiling run)."""
+        """The path written, or being written in the background (on rank 0; None on the others, and
+        when disabled: a profiling run)."""
         if not self.enabled:
             return None
-        self.watch.check(self.dist_info.enabled, self.last_good)
+        self.wait()  # at most one write in flight, and last_good up to date for the message below
+        self.watch.check(self.dist_info.enabled, self._last_good)
         rng = distributed.gather_objects(rng_state(), self.dist_info)
         if not self.dist_info.is_master:
             return None
-        self.last_good = write_checkpoint(self.out_dir, self.state.checkpoint(iter_num, best_val_loss, rng), self.keep)
-        self.log(f"saved checkpoint to {self.last_good}")
-        return self.last_good
+        checkpoint = self.state.checkpoint(iter_num, best_val_loss, rng)
+        if self._writer is None:
+            self._last_good = write_checkpoint(self.out_dir, checkpoint, self.keep)
+            self.log(f"saved checkpoint to {self._last_good}")
+            return self._last_good
+        start = time.perf_counter()
+        snapshot, nbytes = self._snapshot(checkpoint)
+        self.log(f"checkpoint: {nbytes / 1e6:,.1f} MB copied to host memory in {time.perf_counter() - start:.2f} s, "
+                 "writing in the background")
+        self._writer.submit(self._write, snapshot)
+        return checkpoint_path(self.out_dir)
+
+    def _write(self, checkpoint: dict) -> tuple[pathlib.Path, float]:
+        """The worker thread's job: (the path written, seconds it took)."""
+        start = time.perf_counter()
+        return write_checkpoint(self.out_dir, checkpoint, self.keep), time.perf_counter() - start
+
+    def wait(self) -> None:
+        """Finish the background write in flight, if any: raise its error, or make it last_good."""
+        if self._writer is not None and (written := self._writer.wait()) is not None:
+            self._last_good, seconds = written
+            self.log(f"saved checkpoint to {self._last_good} (written in the background in {seconds:.2f} s)")
+
+    def __enter__(self) -> "Saver":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.wait()
+        except Exception as e:
+            if exc_type is None:
+                raise
+            self.log(f"the checkpoint being written was lost too: {e}")  # the run's own error goes on
+        finally:
+            if self._writer is not None:
+                self._writer.close()
 
 
 # Optimizer group fields that say how a step runs, not what it computes.

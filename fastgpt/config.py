@@ -77,6 +77,12 @@ class TrainConfig:
     keep_checkpoints: int = field(
         default=2, metadata=_doc("checkpoints kept on disk: ckpt.pt is the newest; with 2+, also ckpt-ITER.pt each")
     )
+    async_save: bool = field(
+        default=True,
+        metadata=_doc("write checkpoints on a background thread: a save stalls training only while the weights and "
+                      "optimizer state are copied to host memory, which holds that copy (their size) until the file is "
+                      "written; False: training waits while the file is written and fsynced"),
+    )
     on_nonfinite_loss: str = field(
         default="stop",
         metadata=_doc(

@@ -139,7 +139,8 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     watch = LossWatch(device, enabled=cfg.on_nonfinite_loss == "stop")
     state = ckpt_io.TrainingState(model, optimizer, scaler, streams, init.model_args.to_model_args(), cfg.to_dict(), record,
                                   identity)
-    saver = ckpt_io.Saver(cfg.out_dir, cfg.keep_checkpoints, state, dist_info, watch, log, resumed_from, enabled=not cfg.profile)
+    saver = cleanup.enter_context(ckpt_io.Saver(cfg.out_dir, cfg.keep_checkpoints, state, dist_info, watch, log, resumed_from,
+                                                enabled=not cfg.profile, background=cfg.async_save))  # every exit waits for its write
 
     # ---------------------------------------------------------------- compile, DDP
     raw_model = model  # checkpoints hold the uncompiled, unwrapped module's state dict

@@ -6,7 +6,7 @@
 POINT is where this process kills itself, once per run folder (a marker file there makes a
 restarted job run clean):
   none           no fault: the uninterrupted reference run
-  step           after the N-th optimizer step of this process
+  step           after the N-th optimizer step of this process, once no checkpoint is being written
   mid_write      halfway through writing the N-th checkpoint's bytes
   before_rename  the N-th checkpoint written and fsynced, not yet renamed to ckpt.pt
   after_rename   the N-th checkpoint renamed to ckpt.pt, before its numbered copy is linked
@@ -42,15 +42,21 @@ def plant(point: str, n: int, marker: pathlib.Path) -> None:
         return count[0] == n
 
     if point == "step":
-        step = train.clip_and_step
+        step, init, savers = train.clip_and_step, train.ckpt_io.Saver.__init__, []
+
+        def recording_init(saver, *args, **kwargs):
+            init(saver, *args, **kwargs)
+            savers.append(saver)
 
         def killing_step(*args, **kwargs):
             taken = step(*args, **kwargs)
             if nth():
+                for saver in savers:  # between checkpoints: a background write in flight lands first
+                    saver.wait()
                 die()
             return taken
 
-        train.clip_and_step = killing_step
+        train.clip_and_step, train.ckpt_io.Saver.__init__ = killing_step, recording_init
     elif point == "mid_write":
         save = torch.save
 
