@@ -1,6 +1,7 @@
 """A write that fails (here: a file-size limit, which fails a write with EFBIG as a full disk fails
 it with ENOSPC) ends the run with one `error:` line naming the file, the free space and what to
-do, exit status 2; the previous checkpoint is intact and no temporary file is left behind."""
+do, exit status 2; the previous checkpoint is intact and no temporary file is left behind. A
+checkpoint written in the background fails on its worker thread and ends the run the same way."""
 
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ def run_limited(limit: int, args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=TIMEOUT_S)
 
 
-@pytest.mark.parametrize("name", ["ckpt.pt", "metrics.jsonl", "run.json"])
-def test_a_failed_write_is_one_line_and_loses_nothing(trained, name):
+@pytest.mark.parametrize("name,async_save", [("ckpt.pt", True), ("ckpt.pt", False), ("metrics.jsonl", True),
+                                             ("run.json", True)], ids=["ckpt.pt", "ckpt.pt-sync", "metrics.jsonl", "run.json"])
+def test_a_failed_write_is_one_line_and_loses_nothing(trained, name, async_save):
     out, args = trained
+    args = [*args, f"--async_save={async_save}"]
     ckpt = out / "ckpt.pt"
     before = sha256(ckpt)
     with open(out / "metrics.jsonl", "a") as f:  # a log longer than the resume's run.json: a line of padding
@@ -61,5 +64,6 @@ def test_a_failed_write_is_one_line_and_loses_nothing(trained, name):
     assert len(lines) == 1 and lines[0].startswith("error: cannot write "), proc.stderr[-3000:]
     line = lines[0]
     assert str(out / name) in line and "bytes free there" in line and "--out_dir" in line, line
+    assert ("writing in the background" in proc.stdout) == (name == "ckpt.pt" and async_save), proc.stdout[-3000:]
     assert sha256(ckpt) == before
     assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".link"))]
