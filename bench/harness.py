@@ -52,6 +52,7 @@ SUITE_PAIRS = {
                              ("fp8", "compiled")],
     "layer_norm": [("triton", "eager"), ("triton", "compiled")],
     "load_gpt2": [("fastgpt", "transformers")],
+    "checkpoint_stall": [("background", "synchronous")],
 }
 
 
