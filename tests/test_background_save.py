@@ -5,6 +5,8 @@ every exit (the end, a stop, an error) waits for the write in flight."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import threading
 import time
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from fastgpt import checkpoint as ckpt_io
-from fastgpt.background_save import HostCopy, HostSnapshot, host_copy_kind
+from fastgpt.background_save import HostCopy, HostSnapshot, host_copy_kind, tensors
 from fastgpt.distributed import DistInfo
 from fastgpt.fileio import WriteError, write_error
 from fastgpt.model import GPT, GPTConfig
@@ -26,17 +28,17 @@ from conftest import tiny_config
 SLOW_WRITE_S = 0.3
 
 
-def trained_state(tmp_path=None) -> ckpt_io.TrainingState:
+def trained_state(device: str = "cpu") -> ckpt_io.TrainingState:
     """A tied-embedding GPT and its AdamW after one step, so both moments exist."""
-    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16)).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
     step(model, optimizer)
-    return ckpt_io.TrainingState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), {},
+    return ckpt_io.TrainingState(model, optimizer, torch.amp.GradScaler(device, enabled=False), {},
                                  model.config.to_model_args(), {"seed": 0}, {"host": "test"})
 
 
 def step(model, optimizer) -> None:
-    x = torch.randint(0, 64, (2, 8))
+    x = torch.randint(0, 64, (2, 8), device=next(model.parameters()).device)
     _, loss = model(x, x)
     loss.backward()
     optimizer.step()
@@ -99,6 +101,24 @@ def test_the_snapshot_keeps_tied_weights_one_tensor():
     assert copied["lm_head.weight"].data_ptr() == copied["transformer.wte.weight"].data_ptr()
     assert copied["lm_head.weight"].data_ptr() != model["lm_head.weight"].data_ptr()
     assert type(copied) is type(model) and copied._metadata == model._metadata  # what load_state_dict reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked buffers need CUDA")
+def test_cuda_state_is_copied_into_page_locked_buffers_kept_for_the_next_save():
+    state = trained_state("cuda")
+    snapshot = HostSnapshot()
+    first, nbytes = snapshot(state.checkpoint(1, 2.0, []))
+    expected = {k: v.cpu() for k, v in state.model.state_dict().items()}
+    step(state.model, state.optimizer)
+    assert all(t.device.type == "cpu" for t in tensors(first))
+    assert all(t.is_pinned() for t in tensors(first["model"]))  # (AdamW keeps its step counters on the host)
+    assert_same(dict(first["model"]), expected)  # copied before the step that followed
+    pointers = {k: v.data_ptr() for k, v in first["model"].items()}
+    second, _ = snapshot(state.checkpoint(2, 2.0, []))
+    assert {k: v.data_ptr() for k, v in second["model"].items()} == pointers  # the same buffers, refilled
+    assert_same(dict(second["model"]), {k: v.cpu() for k, v in state.model.state_dict().items()})
+    assert_same(second["optimizer"]["state"], {i: {k: v.cpu() for k, v in s.items()}
+                                               for i, s in state.optimizer.state_dict()["state"].items()})
 
 
 def test_the_background_file_is_the_synchronous_one(tmp_path):
@@ -217,6 +237,24 @@ def test_a_nan_while_a_write_is_in_flight_stops_after_the_write_lands(tmp_path, 
     with pytest.raises(NonFiniteLossError, match="at iteration 5"):
         train(tiny_config(tmp_path, tiny_data[0], max_iters=8, eval_interval=4, log_interval=1))
     assert ckpt_io.load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 4  # the error exit waited for it
+
+
+def test_a_stop_signal_saves_and_the_run_waits_for_that_write(tmp_path, tiny_data, slow_writes, monkeypatch):
+    from fastgpt import train as train_module
+
+    step_and_clip, steps = train_module.clip_and_step, [0]
+
+    def sigterm_at_step_3(*args, **kwargs):
+        steps[0] += 1
+        if steps[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler sends it; the handler only sets a flag
+        return step_and_clip(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "clip_and_step", sigterm_at_step_3)
+    result = train(tiny_config(tmp_path, tiny_data[0], max_iters=1000, eval_interval=1000))
+    assert 3 <= result.iter_num < 1000
+    assert ckpt_io.load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == result.iter_num
+    assert len(slow_writes["spans"]) == 1
 
 
 def test_the_run_ends_after_its_last_write_and_resumes_exactly(tmp_path, tiny_data, slow_writes):
