@@ -183,6 +183,7 @@ def _train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainResult:
             report.step(meter.tick(iter_num, last_loss, lr))
         prof.step()
     stop_vote.close()
+    saver.wait()  # the last checkpoint on disk, and said so, before the summary
     report.finish(prof.report() if cfg.profile else meter.summary(iter_num, best_val_loss), plot=not cfg.eval_only)
     return TrainResult(iter_num, losses, best_val_loss, report.history, raw_model)
 
