@@ -13,10 +13,11 @@
 #   python -m fastgpt.train configs/shakespeare_char_speedrun.py --n_layer=2 --max_iters=160 \
 #       --lr_decay_iters=160 --eval_interval=10 --target_loss=1.87      # nanoGPT's CPU result
 #
-# Measured on a 2-core Intel Xeon (AVX-512, AMX), fp32, one run each in one session: val 1.58 at
-# step 550 after 97.6 s of training (176 ms/iter); the 2-layer variant above reaches 1.87 at step
-# 140 after 12.9 s (92 ms/iter), where nanoGPT's CPU recipe run through fastgpt ends at 1.879
-# after 53.3 s. bench/README.md has the side-by-side figures.
+# Measured on a 2-core Intel Xeon (AVX-512, AMX), fp32, one run each, back to back: val 1.58 at
+# step 550 after 138.3 s of training (239 ms/iter), where configs/shakespeare_char.py took 315.1 s
+# to reach it (0.44x); the 2-layer variant above reaches 1.87 at step 140 after 17.4 s, where
+# nanoGPT's CPU recipe run through fastgpt ends at 1.879 after 81.4 s (0.21x). bench/README.md has
+# these figures and the ablation (each switch off in turn).
 
 out_dir = "out-shakespeare-char-speedrun"
 eval_interval = 25  # the target is noticed at an evaluation: often enough to stop near it
