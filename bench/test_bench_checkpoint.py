@@ -56,7 +56,7 @@ def test_checkpoint_stall(benchmark, provider, state, tmp_path):
         # The timed call alone: the previous round's write has ended before it starts.
         benchmark.pedantic(lambda: saver.save(next(iteration), 1.0), setup=saver.wait, rounds=ROUNDS,
                            warmup_rounds=WARMUP_ROUNDS)
-    assert ckpt_io.load_checkpoint(tmp_path / "ckpt.pt", )["iter_num"] == ROUNDS + WARMUP_ROUNDS
+    assert ckpt_io.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == ROUNDS + WARMUP_ROUNDS
     _, host_copy_bytes = HostSnapshot()(state.checkpoint(1, 1.0, [ckpt_io.rng_state()]))
     benchmark.extra_info.update(suite="checkpoint_stall", shape_name="GPT-2 124M fp32 + AdamW",
                                 median_ms=round(benchmark.stats.stats.median * 1e3, 1),

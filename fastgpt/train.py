@@ -10,8 +10,9 @@
 
 A config file holds plain assignments of TrainConfig fields (nanoGPT's names); `--key=value`
 overrides it. Checkpoints land in out_dir/ckpt.pt at each evaluation (the keep_checkpoints newest
-also as ckpt-ITER.pt), written by a background thread while training goes on, the run's record in out_dir/run.json, every log line and evaluation in
-out_dir/metrics.jsonl, and a picture of the losses in out_dir/loss.png at the end. SIGTERM or
+also as ckpt-ITER.pt), written by a background thread while training goes on; the run's record in
+out_dir/run.json, every log line and evaluation in out_dir/metrics.jsonl, and a picture of the
+losses in out_dir/loss.png at the end. SIGTERM or
 Ctrl-C finishes the step, saves a checkpoint and exits 0; init_from='auto' resumes from it.
 """
 
