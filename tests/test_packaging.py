@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import pathlib
 import re
 import shutil
@@ -141,6 +142,22 @@ def test_a_checkout_not_installed_finds_its_kernels(tmp_path):
     if proc.stdout.strip() == "installed":
         pytest.skip("fastgpt_kernels is installed as files, not mapped onto this checkout")
     assert pathlib.Path(proc.stdout.strip()) == ROOT / "kernels" / "head_loss.py"
+
+
+def test_pytest_in_a_python_without_the_dependencies_says_how_to_install_them(tmp_path):
+    """The root conftest.py stops collection with one line before tests/conftest.py fails on
+    `import torch` with a traceback. The Python here sees this one's packages but torch."""
+    site_packages = pathlib.Path(pytest.__file__).parent.parent
+    for entry in site_packages.iterdir():
+        if not entry.name.startswith("torch"):
+            (tmp_path / entry.name).symlink_to(entry)
+    proc = subprocess.run([sys.executable, "-S", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests",
+                           "bench"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert lines == [f"error: {sys.executable} lacks the test dependencies torch; install them with `pip install -e "
+                     "'.[dev]'` in this Python, or run the Python they are installed in"], lines[-20:]
 
 
 def readme_test_command() -> str:
